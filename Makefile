@@ -1,0 +1,24 @@
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: env demo test test-fast clean
+
+$(BIN)/mmbalance: pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	@touch $@
+
+env: $(BIN)/mmbalance
+
+demo: env
+	$(BIN)/mmbalance bench --out runs/quick-bench
+
+test: env
+	$(BIN)/python -m pytest -q
+
+test-fast: env
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,2 @@
+"""mmbalance: balanced multimodal learning in PyTorch."""
+__version__ = "0.1.0"

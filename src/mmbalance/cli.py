@@ -1,0 +1,107 @@
+"""Command line: ``mmbalance train | bench | methods | datasets``."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from .errors import MMBalanceError
+
+
+def _parse_list(s: Optional[str]) -> List[str]:
+    return [x.strip() for x in s.split(",") if x.strip()] if s else []
+
+
+def cmd_train(args) -> int:
+    from .config import resolve_config
+    from .training.trainer import Trainer, run_from_dir
+    from . import distributed as D
+    D.init_from_env()
+    try:
+        if args.resume:
+            res = run_from_dir(args.resume, quiet=args.quiet)
+        else:
+            if not args.out:
+                raise MMBalanceError("--out DIR is required (or --resume DIR)")
+            overrides = list(args.overrides)
+            if args.data_root:
+                overrides.append(f"data.root={args.data_root}")
+            cfg = resolve_config(args.dataset, args.method, args.config, overrides)
+            res = Trainer(cfg, args.out, quiet=args.quiet).fit()
+        if D.rank() == 0:
+            print(json.dumps({"test_accuracy": res["test"]["accuracy"], "test_macro_f1": res["test"]["macro_f1"],
+                              "best_epoch": res["best_epoch"]}))
+    finally:
+        D.shutdown()
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench.runner import QUICK_DATASETS, run_bench
+    datasets = _parse_list(args.datasets) or list(QUICK_DATASETS)
+    methods = _parse_list(args.methods) or ["all"]
+    seeds = [int(s) for s in _parse_list(args.seeds)] or [0, 1, 2]
+    run_bench(datasets, methods, seeds, args.out, epochs=args.epochs, overrides=args.overrides,
+              config_file=args.config, quiet=True)
+    print(f"\nresults: {Path(args.out) / 'results.csv'} and {Path(args.out) / 'results.md'}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from .methods import METHODS
+    w = max(len(n) for n in METHODS.names())
+    for name, e in METHODS:
+        print(f"{name:<{w}}  [{e.meta['kind']}, modalities {e.meta['modalities']}] {e.description} ({e.meta['paper']})")
+    return 0
+
+
+def cmd_datasets(args) -> int:
+    from .data import DATASETS
+    from .data import datasets  # noqa: F401
+    w = max(len(n) for n in DATASETS.names())
+    for name, e in DATASETS:
+        print(f"{name:<{w}}  {e.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmbalance", description="Balanced multimodal learning: methods, trainer, benchmark.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train one method on one dataset")
+    t.add_argument("--dataset", help="registered dataset name or path/to/file.npz")
+    t.add_argument("--method", help="registered method name (see `mmbalance methods`)")
+    t.add_argument("--config", help="YAML file with config sections (data, model, optim, schedule, train, method)")
+    t.add_argument("--data-root", help="shortcut for data.root=DIR")
+    t.add_argument("--out", help="output folder")
+    t.add_argument("--resume", metavar="DIR", help="continue the stopped run in DIR")
+    t.add_argument("--quiet", action="store_true")
+    t.add_argument("overrides", nargs="*", help="dotted overrides: method.alpha=0.5 optim.lr=1e-3 epochs=5 seed=1")
+    t.set_defaults(func=cmd_train)
+    b = sub.add_parser("bench", help="run a dataset x method x seed grid (no arguments: the quick preset)")
+    b.add_argument("--datasets", help="comma-separated datasets (default: synthetic)")
+    b.add_argument("--methods", help="comma-separated methods or 'all' (default: all)")
+    b.add_argument("--seeds", help="comma-separated seeds (default: 0,1,2)")
+    b.add_argument("--epochs", type=int, help="epochs for every run (default: each dataset's preset)")
+    b.add_argument("--config", help="YAML applied to every run")
+    b.add_argument("--out", default="runs/bench", help="output folder (default runs/bench)")
+    b.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
+    b.set_defaults(func=cmd_bench)
+    sub.add_parser("methods", help="list registered methods").set_defaults(func=cmd_methods)
+    sub.add_parser("datasets", help="list registered datasets").set_defaults(func=cmd_datasets)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MMBalanceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

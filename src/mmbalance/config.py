@@ -1,0 +1,428 @@
+"""One typed config tree: defaults -> dataset preset -> method preset -> YAML -> dotted overrides.
+
+Every section is a dataclass. The ``data`` and ``method`` sections also accept the options of the
+chosen dataset / method (each declares its own options dataclass), so ``method.alpha=0.5`` is
+validated against the method's own fields. All problems are collected and reported together,
+with suggestions, before anything is built.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type
+
+import yaml
+
+from .errors import ConfigError
+from .registry import suggest
+
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("none", "step", "cosine")
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"
+    root: Optional[str] = None
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    num_workers: int = 0
+    on_error: str = "raise"  # raise | skip (datasets that read files)
+    cache: Optional[str] = None  # input cache directory (datasets that decode media)
+
+    def validate(self):
+        errs = []
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            errs.append("batch sizes must be >= 1")
+        if self.num_workers < 0:
+            errs.append("num_workers must be >= 0")
+        if self.on_error not in ("raise", "skip"):
+            errs.append(f"on_error must be 'raise' or 'skip', got '{self.on_error}'")
+        return errs
+
+
+@dataclass
+class ModelConfig:
+    fusion: str = "concat"  # concat | sum | late | film | gated
+    encoder: str = "auto"  # auto | mlp | transformer | gru | cnn | resnet18 | frames
+    encoders: Dict[str, str] = field(default_factory=dict)  # per-modality override
+    feature_dim: int = 64  # output size of the small encoders (ResNet-18: 512)
+    hidden_dim: int = 128
+    fusion_hidden: int = 128  # FiLM / gated hidden size
+    dropout: float = 0.0
+    unimodal_heads: bool = False  # methods that need heads switch this on themselves
+    small_input: bool = False  # ResNet-18 stem for small images (3x3 conv, no max-pool)
+    channels_last: bool = False
+
+    def validate(self):
+        from .models.encoders import ENCODER_NAMES
+        from .models.fusion import FUSIONS
+        errs = []
+        if self.fusion not in FUSIONS:
+            errs.append(f"unknown fusion '{self.fusion}'.{suggest(self.fusion, FUSIONS.names())} Choose from {', '.join(FUSIONS.names())}")
+        for where, enc in [("encoder", self.encoder)] + [(f"encoders.{m}", e) for m, e in self.encoders.items()]:
+            if enc not in ENCODER_NAMES:
+                errs.append(f"unknown {where} '{enc}'.{suggest(enc, list(ENCODER_NAMES))} Choose from {', '.join(ENCODER_NAMES)}")
+        if self.feature_dim < 1 or self.hidden_dim < 1:
+            errs.append("feature_dim and hidden_dim must be >= 1")
+        return errs
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    betas: Tuple[float, float] = (0.9, 0.999)
+
+    def validate(self):
+        errs = []
+        if self.name not in OPTIMIZERS:
+            errs.append(f"unknown optimiser '{self.name}'.{suggest(self.name, list(OPTIMIZERS))} Choose from {', '.join(OPTIMIZERS)}")
+        if self.lr <= 0:
+            errs.append(f"lr must be > 0, got {self.lr}")
+        return errs
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "none"  # none | step | cosine
+    step_size: int = 30
+    gamma: float = 0.1
+    warmup_epochs: int = 0  # linear warm-up (cosine and step)
+
+    def validate(self):
+        if self.name not in SCHEDULES:
+            return [f"unknown schedule '{self.name}'.{suggest(self.name, list(SCHEDULES))} Choose from {', '.join(SCHEDULES)}"]
+        return []
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    seed: int = 0
+    device: str = "cpu"  # cpu | cuda | auto
+    deterministic: bool = True
+    early_stopping: int = 0  # patience in epochs on val accuracy; 0 = off
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+    bf16: bool = False  # bf16 autocast (opt-in: changes gradients)
+    progress: str = "auto"  # auto (only on a TTY) | on | off
+    tensorboard: bool = False
+    eval_every: int = 1
+    threads: int = 0  # torch intra-op threads; 0 = leave as is
+
+    def validate(self):
+        errs = []
+        if self.epochs < 1:
+            errs.append(f"epochs must be >= 1, got {self.epochs}")
+        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
+            errs.append(f"device must be cpu, cuda, cuda:N or auto, got '{self.device}'")
+        if self.progress not in ("auto", "on", "off"):
+            errs.append(f"progress must be auto, on or off, got '{self.progress}'")
+        return errs
+
+
+@dataclass
+class MethodConfig:
+    name: str = "joint"
+
+
+SECTIONS: Dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "optim": OptimConfig,
+    "schedule": ScheduleConfig,
+    "train": TrainConfig,
+    "method": MethodConfig,
+}
+
+#: top-level shortcuts accepted on the command line (``epochs=5 seed=1``)
+ALIASES = {"epochs": "train.epochs", "seed": "train.seed", "lr": "optim.lr",
+           "batch_size": "data.batch_size", "fusion": "model.fusion"}
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    #: options of the chosen dataset / method (typed dataclass instances)
+    data_options: Any = None
+    method_options: Any = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for name in SECTIONS:
+            sec = dataclasses.asdict(getattr(self, name))
+            extra = {"data": self.data_options, "method": self.method_options}.get(name)
+            if extra is not None:
+                sec.update(dataclasses.asdict(extra))
+            out[name] = _plain(sec)
+        return out
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def defaults_dict(cls: type) -> Dict[str, Any]:
+    return _plain(dataclasses.asdict(cls()))
+
+
+def deep_merge(base: Dict[str, Any], other: Mapping[str, Any]) -> Dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in other.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_override(item: str) -> Tuple[List[str], Any]:
+    """``method.alpha=0.5`` -> (["method", "alpha"], 0.5). Values are parsed as YAML scalars."""
+    if "=" not in item:
+        raise ConfigError(f"Override '{item}' is not of the form key=value (e.g. method.alpha=0.5)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"Override '{item}' has an empty key")
+    key = ALIASES.get(key, key)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def overrides_to_dict(items: Sequence[str]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for item in items:
+        path, value = parse_override(item)
+        if len(path) == 1:
+            raise ConfigError(
+                f"Override '{item}': '{path[0]}' is not a config key.{suggest(path[0], list(ALIASES) + list(SECTIONS))} "
+                f"Use section.key=value (sections: {', '.join(SECTIONS)}) or one of {', '.join(ALIASES)}."
+            )
+        node = out
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"Override '{item}' conflicts with another override")
+        node[path[-1]] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> Dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{p}' must hold a mapping of sections, got {type(data).__name__}")
+    out: Dict[str, Any] = {}
+    for k, v in data.items():
+        k = ALIASES.get(k, k)
+        if "." in k:
+            sec, key = k.split(".", 1)
+            out = deep_merge(out, {sec: {key: v}})
+        else:
+            out = deep_merge(out, {k: v})
+    return out
+
+
+# ----------------------------------------------------------------------------------------- typing
+def _coerce(value: Any, tp: Any, where: str, errors: List[str]) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if value in ("none", "None", "null") and type(None) in args:
+            return None
+        return _coerce(value, inner[0], where, errors)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "yes", "on")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        errors.append(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+            errors.append(f"{where}: expected an integer, got {value!r}")
+            return value
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            errors.append(f"{where}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            errors.append(f"{where}: expected a string, got {value!r}")
+            return value
+        return str(value)
+    if origin in (tuple, Tuple):
+        if not isinstance(value, (list, tuple)):
+            errors.append(f"{where}: expected a list, got {value!r}")
+            return value
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]", errors) for i, v in enumerate(value))
+        if args and len(value) != len(args):
+            errors.append(f"{where}: expected {len(args)} values, got {len(value)}")
+            return tuple(value)
+        return tuple(_coerce(v, a, f"{where}[{i}]", errors) for i, (v, a) in enumerate(zip(value, args or [Any] * len(value))))
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        inner = args[0] if args else Any
+        return [_coerce(v, inner, f"{where}[{i}]", errors) for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            errors.append(f"{where}: expected a mapping, got {value!r}")
+            return value
+        return dict(value)
+    return value
+
+
+def build_dataclass(cls: Type, values: Mapping[str, Any], where: str, errors: List[str]) -> Any:
+    """Create ``cls`` from ``values``; unknown keys and bad types are appended to ``errors``."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    kwargs = {}
+    for k, v in values.items():
+        if k not in names:
+            errors.append(f"unknown key '{where}.{k}'.{suggest(k, names)} Valid keys: {', '.join(names)}")
+            continue
+        kwargs[k] = _coerce(v, hints[k], f"{where}.{k}", errors)
+    try:
+        obj = cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        errors.append(f"{where}: {exc}")
+        return cls()
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        for msg in validate() or []:
+            errors.append(f"{where}: {msg}")
+    return obj
+
+
+def split_section(values: Mapping[str, Any], base_cls: type, options_cls: Optional[type]) -> Tuple[Dict, Dict]:
+    base_names = {f.name for f in fields(base_cls)}
+    base = {k: v for k, v in values.items() if k in base_names}
+    rest = {k: v for k, v in values.items() if k not in base_names}
+    return base, rest
+
+
+def check_section(name: str, values: Mapping[str, Any], errors: List[str]) -> Dict[str, Any]:
+    if not isinstance(values, Mapping):
+        errors.append(f"section '{name}' must be a mapping, got {values!r}")
+        return {}
+    return dict(values)
+
+
+def options_fields(cls: Optional[type]) -> List[str]:
+    return [f.name for f in fields(cls)] if cls is not None and is_dataclass(cls) else []
+
+
+# ------------------------------------------------------------------------------------ resolution
+def dataset_entry(name: str):
+    """The registry entry of a dataset name; a path ending in ``.npz`` is the generic loader."""
+    from .data import DATASETS
+    from .data import datasets  # noqa: F401  (registers built-ins)
+    if name.endswith(".npz"):
+        return DATASETS.entry("npz")
+    return DATASETS.entry(name)
+
+
+def resolve_config(dataset: Optional[str] = None, method: Optional[str] = None,
+                   config_file: Optional[str] = None, overrides: Sequence[str] = (),
+                   tree: Optional[Mapping[str, Any]] = None) -> Config:
+    """Resolve the whole config tree; raises :class:`ConfigError` listing every problem."""
+    from .methods import METHODS
+    from .errors import RegistryError
+
+    user: Dict[str, Any] = deep_merge({}, tree or {})
+    if config_file:
+        user = deep_merge(user, load_yaml(config_file))
+    user = deep_merge(user, overrides_to_dict(overrides))
+    errors: List[str] = []
+    for sec in user:
+        if sec not in SECTIONS:
+            errors.append(f"unknown config section '{sec}'.{suggest(sec, list(SECTIONS))} Sections: {', '.join(SECTIONS)}")
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+    ds_name = dataset or user.get("data", {}).get("name") or DataConfig.name
+    m_name = method or user.get("method", {}).get("name") or MethodConfig.name
+    try:
+        ds_entry = dataset_entry(str(ds_name))
+    except RegistryError as exc:
+        errors.append(str(exc))
+        ds_entry = None
+    try:
+        m_cls = METHODS.get(str(m_name))
+    except RegistryError as exc:
+        errors.append(str(exc))
+        m_cls = None
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+    raw: Dict[str, Any] = {sec: defaults_dict(cls) for sec, cls in SECTIONS.items()}
+    raw = deep_merge(raw, ds_entry.meta.get("presets", {}))
+    method_presets = getattr(m_cls, "presets", {}) or {}
+    raw = deep_merge(raw, method_presets.get(ds_entry.name, method_presets.get("*", {})))
+    raw = deep_merge(raw, user)
+    raw["data"]["name"] = str(ds_name)
+    raw["method"]["name"] = str(m_name)
+
+    cfg = Config()
+    for sec, cls in SECTIONS.items():
+        values = check_section(sec, raw.get(sec, {}), errors)
+        opts_cls = ds_entry.meta.get("options") if sec == "data" else (m_cls.Options if sec == "method" else None)
+        base, rest = split_section(values, cls, opts_cls)
+        setattr(cfg, sec, build_dataclass(cls, base, sec, errors))
+        if sec in ("data", "method"):
+            if opts_cls is None:
+                for k in rest:
+                    errors.append(f"unknown key '{sec}.{k}'.{suggest(k, [f.name for f in fields(cls)])} "
+                                  f"Valid keys: {', '.join(f.name for f in fields(cls))}")
+                continue
+            allowed = [f.name for f in fields(cls)] + options_fields(opts_cls)
+            sub: List[str] = []
+            obj = build_dataclass(opts_cls, rest, sec, sub)
+            errors.extend(e.replace(f"Valid keys: {', '.join(options_fields(opts_cls))}", f"Valid keys: {', '.join(allowed)}") for e in sub)
+            setattr(cfg, f"{sec}_options", obj)
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+    return cfg
+
+
+def config_from_dict(tree: Mapping[str, Any]) -> Config:
+    """Rebuild a config from a saved, fully resolved tree (``config.yaml`` of a run)."""
+    return resolve_config(tree=tree)

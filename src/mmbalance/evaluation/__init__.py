@@ -1,0 +1,4 @@
+from .evaluate import evaluate
+from .metrics import accuracy, confusion_matrix, macro_f1
+
+__all__ = ["evaluate", "accuracy", "confusion_matrix", "macro_f1"]

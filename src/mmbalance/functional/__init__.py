@@ -1,0 +1,1 @@
+"""Pure, stateless math of the methods (vectorised, tested on tiny tensors)."""
