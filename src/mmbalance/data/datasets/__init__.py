@@ -1,2 +1,8 @@
-"""Built-in datasets (importing this package registers them)."""
-from . import avdigits, npz, synthetic  # noqa: F401
+"""Built-in datasets: importing this package imports every module in it, which registers them
+(a new dataset = a new module here, nothing else edited)."""
+import importlib
+import pkgutil
+
+for _info in pkgutil.iter_modules(__path__):
+    if not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")
