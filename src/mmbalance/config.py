@@ -200,11 +200,17 @@ def parse_override(item: str) -> Tuple[List[str], Any]:
     if not key:
         raise ConfigError(f"Override '{item}' has an empty key")
     key = ALIASES.get(key, key)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
+    return key.split("."), RawValue(raw)
+
+
+class RawValue(str):
+    """A command-line value, parsed according to the type of the field it sets."""
+
+    def parsed(self) -> Any:
+        try:
+            return yaml.safe_load(str(self)) if self.strip() != "" else ""
+        except yaml.YAMLError:
+            return str(self)
 
 
 def overrides_to_dict(items: Sequence[str]) -> Dict[str, Any]:
@@ -248,6 +254,9 @@ def load_yaml(path: str | Path) -> Dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------- typing
 def _coerce(value: Any, tp: Any, where: str, errors: List[str]) -> Any:
+    if isinstance(value, RawValue):
+        value = str(value) if tp is str or (typing.get_origin(tp) is typing.Union and str in typing.get_args(tp)
+                                            and value.strip() not in ("none", "None", "null", "~")) else value.parsed()
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -320,7 +329,12 @@ def build_dataclass(cls: Type, values: Mapping[str, Any], where: str, errors: Li
         if k not in names:
             errors.append(f"unknown key '{where}.{k}'.{suggest(k, names)} Valid keys: {', '.join(names)}")
             continue
-        kwargs[k] = _coerce(v, hints[k], f"{where}.{k}", errors)
+        local: List[str] = []
+        value = _coerce(v, hints[k], f"{where}.{k}", local)
+        if local:
+            errors.extend(local)
+        else:
+            kwargs[k] = value
     try:
         obj = cls(**kwargs)
     except (TypeError, ValueError) as exc:
@@ -405,9 +419,12 @@ def resolve_config(dataset: Optional[str] = None, method: Optional[str] = None,
     for sec, cls in SECTIONS.items():
         values = check_section(sec, raw.get(sec, {}), errors)
         opts_cls = ds_entry.meta.get("options") if sec == "data" else (m_cls.Options if sec == "method" else None)
+        if sec not in ("data", "method"):
+            setattr(cfg, sec, build_dataclass(cls, values, sec, errors))
+            continue
         base, rest = split_section(values, cls, opts_cls)
         setattr(cfg, sec, build_dataclass(cls, base, sec, errors))
-        if sec in ("data", "method"):
+        if True:
             if opts_cls is None:
                 for k in rest:
                     errors.append(f"unknown key '{sec}.{k}'.{suggest(k, [f.name for f in fields(cls)])} "

@@ -6,5 +6,8 @@ __all__ = ["Batch", "Sample", "collate", "DATASETS", "DataBundle", "MultimodalDa
 
 
 def build_dataset(name: str, options, data_cfg, seed: int = 0) -> DataBundle:
-    from . import datasets  # noqa: F401  (registers the built-in datasets)
-    return DATASETS.get(name)(options, data_cfg, seed)
+    from ..config import dataset_entry
+    entry = dataset_entry(name)
+    if options is None and entry.meta.get("options") is not None:
+        options = entry.meta["options"]()
+    return entry.obj(options, data_cfg, seed)

@@ -73,9 +73,10 @@ class Ensemble(Method):
     def compute_loss(self, model, batch, ctx):
         feats = model.encode(batch.inputs)
         heads = model.head_logits(feats)
-        loss = sum(F.cross_entropy(h, batch.labels) for h in heads.values())
-        logits = self._average(heads)
-        logs = {f"loss_{m}": float(F.cross_entropy(h, batch.labels)) for m, h in heads.items()}
+        losses = {m: F.cross_entropy(h, batch.labels) for m, h in heads.items()}
+        loss = sum(losses.values())
+        logits = self._average({m: h.detach() for m, h in heads.items()})
+        logs = {f"loss_{m}": float(v.detach()) for m, v in losses.items()}
         return LossOutput(loss, ModelOutput(logits, feats, heads), logs)
 
     @staticmethod
@@ -111,5 +112,5 @@ class Multiloss(Method):
         fused = F.cross_entropy(out.logits, batch.labels)
         uni = {m: F.cross_entropy(h, batch.labels) for m, h in out.unimodal_logits.items()}
         loss = fused + self.options.unimodal_weight * sum(uni.values())
-        logs = {"loss_fused": float(fused), **{f"loss_{m}": float(v) for m, v in uni.items()}}
+        logs = {"loss_fused": float(fused.detach()), **{f"loss_{m}": float(v.detach()) for m, v in uni.items()}}
         return LossOutput(loss, out, logs)
