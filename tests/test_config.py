@@ -68,3 +68,11 @@ def test_round_trip_of_resolved_tree():
 
 def test_overrides_to_dict_nesting():
     assert overrides_to_dict(["a.b.c=1"]) == {"a": {"b": {"c": "1"}}}
+
+
+def test_mapping_overrides_are_plain_values_in_saved_config():
+    import yaml
+    cfg = resolve_config("synthetic", "joint", None, ["model.encoders.x1=mlp", "method.name=joint"])
+    text = yaml.safe_dump(cfg.to_dict())
+    assert yaml.safe_load(text)["model"]["encoders"] == {"x1": "mlp"}
+    assert type(cfg.model.encoders["x1"]) is str

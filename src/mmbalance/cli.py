@@ -1,4 +1,4 @@
-"""Command line: ``mmbalance train | bench | methods | datasets``."""
+"""Command line: ``mmbalance train | bench | prepare | methods | datasets``."""
 from __future__ import annotations
 
 import argparse
@@ -67,6 +67,20 @@ def cmd_datasets(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from .data.prepare import PrepareOptions, prepare
+    rep = prepare(PrepareOptions(
+        dataset=args.dataset, src=args.src, dst=args.dst, workers=args.workers, fps=args.fps,
+        sample_rate=args.sample_rate, labels=args.labels, splits=args.splits, test_fraction=args.test_fraction,
+        seed=args.seed, backend=args.backend, audio=not args.no_audio, short_side=args.short_side,
+        jpeg_quality=args.jpeg_quality, progress=not args.quiet))
+    print(json.dumps({"done": rep["done"], "processed": rep["processed"],
+                      "skipped_already_done": rep["skipped_already_done"], "failed": len(rep["failed"]),
+                      "no_audio": len(rep["no_audio"]), "splits": rep["splits"],
+                      "report": str(Path(args.dst) / "report.json")}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmbalance", description="Balanced multimodal learning: methods, trainer, benchmark.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -89,6 +103,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="runs/bench", help="output folder (default runs/bench)")
     b.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     b.set_defaults(func=cmd_bench)
+    r = sub.add_parser("prepare", help="raw videos -> 1 fps JPEG frames + mono WAV + split files",
+                       description="Extract frames and audio from raw videos into the layout the loaders read "
+                                   "(see mmbalance.data.prepare). Resumable; failed clips go to DST/failed.txt.")
+    r.add_argument("dataset", help="cremad | kinetics_sounds | ave | vggsound | ucf101 | generic")
+    r.add_argument("--src", required=True, help="folder of raw videos (CREMA-D: the dataset root with VideoFlash/, AudioWAV/)")
+    r.add_argument("--dst", required=True, help="output folder")
+    r.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel processes")
+    r.add_argument("--fps", type=float, default=1.0, help="frames per second kept (default 1)")
+    r.add_argument("--sample-rate", type=int, default=16000, help="WAV sample rate (default 16000)")
+    r.add_argument("--labels", help="csv clip,label[,split] (default: the folder holding each video)")
+    r.add_argument("--splits", help="CREMA-D: folder with train.csv/test.csv to keep (default: seeded split)")
+    r.add_argument("--test-fraction", type=float, default=0.1, help="test share of the seeded split (default 0.1)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+    r.add_argument("--backend", default="auto", choices=("auto", "pyav", "ffmpeg"))
+    r.add_argument("--no-audio", action="store_true", help="frames only")
+    r.add_argument("--short-side", type=int, default=0, help="resize frames to this short side (0 = keep)")
+    r.add_argument("--jpeg-quality", type=int, default=95)
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_prepare)
     sub.add_parser("methods", help="list registered methods").set_defaults(func=cmd_methods)
     sub.add_parser("datasets", help="list registered datasets").set_defaults(func=cmd_datasets)
     return p

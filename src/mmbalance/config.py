@@ -260,7 +260,7 @@ def _coerce(value: Any, tp: Any, where: str, errors: List[str]) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
-        return value
+        return value.parsed() if isinstance(value, RawValue) else value
     if origin is typing.Union:
         if value is None and type(None) in args:
             return None
@@ -316,7 +316,8 @@ def _coerce(value: Any, tp: Any, where: str, errors: List[str]) -> Any:
         if not isinstance(value, dict):
             errors.append(f"{where}: expected a mapping, got {value!r}")
             return value
-        return dict(value)
+        inner = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(v, inner, f"{where}.{k}", errors) for k, v in value.items()}
     return value
 
 

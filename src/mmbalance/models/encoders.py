@@ -7,7 +7,12 @@ per-sample shape    encoder (``model.encoder=auto``)              alternatives
 [T, D]              :class:`TransformerEncoder`                   ``gru``
 [C, H, W]           :class:`SmallCNN`                             ``resnet18``
 [T, C, H, W]        :class:`FrameEncoder` (per-frame CNN, mean)   ``resnet18``
+[L] int64 token ids :class:`TextEncoder` (dataset hint ``text:V``)   ``hf:<local folder>``
 ==================  ===========================================  ==================
+
+Text: a dataset whose modality holds token ids sets the hint ``text:<vocab size>`` (``text`` alone
+needs the vocabulary size, so give ``text:V`` when choosing it by hand). ``hf:<local folder>``
+loads a Hugging Face model with ``local_files_only=True`` (``transformers`` is imported only then).
 """
 from __future__ import annotations
 
@@ -19,7 +24,17 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from .resnet import ResNet18Encoder
 
-ENCODER_NAMES = ("auto", "mlp", "transformer", "gru", "cnn", "resnet18")
+class _EncoderNames(tuple):
+    """The encoder names; membership also accepts the parametrised kinds ``text:<V>`` and
+    ``hf:<local folder>``."""
+
+    def __contains__(self, kind) -> bool:
+        if isinstance(kind, str) and (kind.startswith("hf:") or kind.startswith("text:")):
+            return True
+        return tuple.__contains__(self, kind)
+
+
+ENCODER_NAMES = _EncoderNames(("auto", "mlp", "transformer", "gru", "cnn", "resnet18", "text"))
 
 
 class MLPEncoder(nn.Module):
@@ -105,6 +120,9 @@ def build_encoder(shape: Sequence[int], kind: str = "auto", *, feature_dim: int 
                   dropout: float = 0.0, small_input: bool = False, modality: str = "?") -> nn.Module:
     """Build the encoder for one modality from its per-sample ``shape``."""
     shape = tuple(int(s) for s in shape)
+    if isinstance(kind, str) and (kind == "text" or kind.startswith("text:") or kind.startswith("hf:")):
+        return build_text_encoder(shape, kind, feature_dim=feature_dim, hidden_dim=hidden_dim, dropout=dropout,
+                                  modality=modality)
     if kind not in ENCODER_NAMES:
         from ..registry import suggest
         raise ConfigError(f"unknown encoder '{kind}' for modality '{modality}'.{suggest(kind, list(ENCODER_NAMES))} "
@@ -130,3 +148,69 @@ def build_encoder(shape: Sequence[int], kind: str = "auto", *, feature_dim: int 
         raise ConfigError(f"modality '{modality}': ResNet-18 takes 1, 2 or 3 channels, got {channels}")
     img: nn.Module = SmallCNN(channels, feature_dim) if kind == "cnn" else ResNet18Encoder(channels, small_input)
     return FrameEncoder(img) if nd == 4 else img
+
+
+# ------------------------------------------------------------------------------------------ text
+class TextEncoder(nn.Module):
+    """[B, L] int64 token ids -> embedding + learned positions -> transformer layers with a padding
+    mask -> mean over the non-padding positions -> linear to ``out_dim``."""
+
+    def __init__(self, vocab_size: int, seq_len: int, hidden: int, out_dim: int, dropout: float = 0.0,
+                 layers: int = 2, heads: int = 4, pad_id: int = 0):
+        super().__init__()
+        if hidden % heads:
+            heads = 1
+        self.pad_id = int(pad_id)
+        self.vocab_size = int(vocab_size)
+        self.embed = nn.Embedding(vocab_size, hidden, padding_idx=self.pad_id)
+        self.pos = nn.Parameter(torch.zeros(1, seq_len, hidden))
+        nn.init.normal_(self.pos, std=0.02)
+        layer = nn.TransformerEncoderLayer(hidden, heads, 2 * hidden, dropout, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.proj = nn.Linear(hidden, out_dim)
+        self.out_dim = out_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.long()
+        pad = x == self.pad_id
+        pad[:, 0] &= ~pad.all(dim=1)  # an all-padding row attends to its first position (no NaN)
+        h = self.embed(x) + self.pos[:, : x.shape[1]]
+        h = self.encoder(h, src_key_padding_mask=pad)
+        keep = (~pad).unsqueeze(-1).to(h.dtype)
+        return self.proj((h * keep).sum(1) / keep.sum(1).clamp_min(1.0))
+
+
+class HFTextEncoder(nn.Module):
+    """A Hugging Face encoder loaded from a local folder; the feature is the first ([CLS]) token of
+    the last hidden state. The attention mask is ``ids != pad_token_id``."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        from ..data.text import check_local_model_dir, import_transformers
+        p = check_local_model_dir(path, "Hugging Face text encoder")
+        tf = import_transformers("the Hugging Face text encoder 'hf:...'")
+        try:
+            self.model = tf.AutoModel.from_pretrained(str(p), local_files_only=True)
+        except Exception as exc:
+            raise ConfigError(f"could not load a Hugging Face model from '{p}': {exc}") from None
+        pad = getattr(self.model.config, "pad_token_id", None)
+        self.pad_id = int(pad) if pad is not None else 0
+        self.out_dim = int(self.model.config.hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.long()
+        out = self.model(input_ids=x, attention_mask=(x != self.pad_id).long())
+        return out.last_hidden_state[:, 0]
+
+
+def build_text_encoder(shape: Tuple[int, ...], kind: str, *, feature_dim: int = 64, hidden_dim: int = 128,
+                       dropout: float = 0.0, modality: str = "?") -> nn.Module:
+    if len(shape) != 1:
+        raise ConfigError(f"modality '{modality}': text encoder '{kind}' takes token ids [L], got input shape {list(shape)}")
+    if kind.startswith("hf:"):
+        return HFTextEncoder(kind[3:])
+    vocab = kind.split(":", 1)[1] if ":" in kind else ""
+    if not vocab.isdigit() or int(vocab) < 2:
+        raise ConfigError(f"modality '{modality}': encoder '{kind}' needs the vocabulary size, as 'text:<V>' "
+                          "(datasets with token ids set it themselves under model.encoder=auto)")
+    return TextEncoder(int(vocab), shape[0], hidden_dim, feature_dim, dropout)
