@@ -8,7 +8,7 @@ import torch
 from mmbalance.errors import MethodSetupError
 from mmbalance.methods import METHODS, build_method
 from mmbalance.training.trainer import Trainer
-from utils import tiny_bundle, tiny_config
+from utils import tiny_bundle, tiny_config, two_steps
 
 ALL = METHODS.names()
 
@@ -18,25 +18,12 @@ def _trainer(name, bundle, tmp_path=None, extra=()):
     return Trainer(cfg, tmp_path, quiet=True, bundle=bundle)
 
 
-def _two_steps(tr):
-    tr.model.train()
-    ctx = tr.ctx
-    tr.method.on_epoch_start(tr.model, ctx)
-    losses = []
-    batches = list(tr._batches(tr.bundle.train, range(32), 16))
-    ctx.num_batches = len(batches)
-    for i, batch in enumerate(batches):
-        ctx.batch_idx = i
-        losses.append(float(tr.method.training_step(tr.model, batch, ctx).loss))
-    return losses
-
-
 @pytest.mark.parametrize("name", ALL)
 def test_two_steps_two_modalities(name):
     torch.manual_seed(0)
     tr = _trainer(name, tiny_bundle(2))
     before = copy.deepcopy(tr.model.state_dict())
-    losses = _two_steps(tr)
+    losses = [float(r.loss.detach()) for r in two_steps(tr)]
     assert len(losses) == 2 and all(math.isfinite(l) for l in losses), losses
     changed = [k for k, v in tr.model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed, f"{name}: no parameter changed after two steps"
@@ -54,7 +41,7 @@ def test_three_modalities_run_or_refuse(name):
     except MethodSetupError as exc:
         assert "modalit" in str(exc)
         return
-    losses = _two_steps(tr)
+    losses = [float(r.loss.detach()) for r in two_steps(tr)]
     assert all(math.isfinite(l) for l in losses)
 
 
@@ -62,7 +49,7 @@ def test_three_modalities_run_or_refuse(name):
 def test_state_round_trip(name, tmp_path):
     bundle = tiny_bundle(2)
     tr = _trainer(name, bundle)
-    _two_steps(tr)
+    two_steps(tr)
     state = tr.method.state_dict()
     path = tmp_path / "m.pt"
     torch.save(state, path)

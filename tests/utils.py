@@ -37,3 +37,18 @@ def tiny_config(method: str, overrides: Sequence[str] = (), dataset: str = "synt
 def batch_of(bundle: DataBundle, split: str = "train", n: int = 16):
     ds = bundle.splits[split]
     return collate([ds[i] for i in range(min(n, len(ds)))])
+
+
+def two_steps(trainer, n: int = 32, batch_size: int = 16):
+    """Run ``on_epoch_start`` and then ``training_step`` on the first ``n`` training rows in
+    batches of ``batch_size``; returns the LossOutputs."""
+    trainer.model.train()
+    ctx = trainer.ctx
+    trainer.method.on_epoch_start(trainer.model, ctx)
+    batches = list(trainer._batches(trainer.bundle.train, range(n), batch_size))
+    ctx.num_batches = len(batches)
+    out = []
+    for i, batch in enumerate(batches):
+        ctx.batch_idx = i
+        out.append(trainer.method.training_step(trainer.model, batch, ctx))
+    return out

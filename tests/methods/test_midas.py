@@ -14,7 +14,7 @@ from mmbalance.functional.midas import (alpha_update, alpha_update_from_means, c
 from mmbalance.methods import midas as midas_mod
 from mmbalance.methods.midas import MIDAS
 from mmbalance.training.trainer import Trainer
-from utils import batch_of, tiny_bundle, tiny_config
+from utils import batch_of, tiny_bundle, tiny_config, two_steps
 
 
 # ----------------------------------------------------------------------------- partners
@@ -186,22 +186,11 @@ def test_single_class_batch_drops_all_misaligned_rows():
     assert res.logs["loss_mis"] == 0.0 and res.logs["valid_fraction"] == 0.0
 
 
-def _two_steps(tr):
-    tr.model.train()
-    ctx = tr.ctx
-    tr.method.on_epoch_start(tr.model, ctx)
-    out = []
-    for i, batch in enumerate(list(tr._batches(tr.bundle.train, range(32), 16))):
-        ctx.batch_idx = i
-        out.append(tr.method.training_step(tr.model, batch, ctx))
-    return out
-
-
 @pytest.mark.parametrize("m", [2, 3])
 def test_two_steps_update_alpha_and_are_finite(m):
     tr = _trainer(m, extra=["method.warmup_epochs=0", "method.eta=0.5"])
     before = {k: v.clone() for k, v in tr.model.state_dict().items()}
-    res = _two_steps(tr)
+    res = two_steps(tr)
     assert all(math.isfinite(float(r.loss.detach())) for r in res)
     assert all(r.logs["loss_mis"] > 0 for r in res)
     a = tr.method.alpha

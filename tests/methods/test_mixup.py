@@ -12,7 +12,7 @@ from mmbalance.functional.mixup import (bmm_lambdas, discrepancy, mix_features, 
 from mmbalance.methods import mixup as mixup_mod
 from mmbalance.methods.mixup import BMM, MM, bmm_rho_eval_pass
 from mmbalance.training.trainer import Trainer
-from utils import batch_of, tiny_bundle, tiny_config
+from utils import batch_of, tiny_bundle, tiny_config, two_steps
 
 
 # ----------------------------------------------------------------------------- pure math
@@ -184,17 +184,6 @@ def test_bmm_online_rho_equals_eval_pass_on_same_model():
     assert len(ys) == len(tr.bundle.train)
 
 
-def _two_steps(tr):
-    tr.model.train()
-    ctx = tr.ctx
-    tr.method.on_epoch_start(tr.model, ctx)
-    out = []
-    for i, batch in enumerate(list(tr._batches(tr.bundle.train, range(32), 16))):
-        ctx.batch_idx = i
-        out.append(tr.method.training_step(tr.model, batch, ctx))
-    return out
-
-
 @pytest.mark.parametrize("m", [2, 3])
 @pytest.mark.parametrize("name", ["mm", "bmm"])
 def test_two_steps_finite(name, m):
@@ -202,7 +191,7 @@ def test_two_steps_finite(name, m):
     if name == "bmm":
         tr.method.rho = {"m1": 2.0, **{f"m{k}": 0.5 for k in range(2, m + 1)}}
     before = {k: v.clone() for k, v in tr.model.state_dict().items()}
-    res = _two_steps(tr)
+    res = two_steps(tr)
     assert all(math.isfinite(float(r.loss.detach())) for r in res)
     assert all(r.logs["lambda"] < 1 for r in res)  # mixing was active
     for mod in tr.model.modalities:

@@ -16,7 +16,7 @@ loads a Hugging Face model with ``local_files_only=True`` (``transformers`` is i
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -48,25 +48,40 @@ class MLPEncoder(nn.Module):
         return self.net(x)
 
 
+class _TransformerCore(nn.Module):
+    """Learned positions -> transformer layers (optional padding mask) -> mean over the kept
+    positions -> linear to ``out_dim``; shared by the sequence and text encoders."""
+
+    def __init__(self, seq_len: int, hidden: int, out_dim: int, dropout: float = 0.0, layers: int = 2, heads: int = 4):
+        super().__init__()
+        if hidden % heads:
+            heads = 1
+        self.pos = nn.Parameter(torch.zeros(1, seq_len, hidden))
+        nn.init.normal_(self.pos, std=0.02)
+        layer = nn.TransformerEncoderLayer(hidden, heads, 2 * hidden, dropout, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.proj = nn.Linear(hidden, out_dim)
+
+    def forward(self, h: Tensor, pad: Optional[Tensor] = None) -> Tensor:
+        h = self.encoder(h + self.pos[:, : h.shape[1]], src_key_padding_mask=pad)
+        if pad is None:
+            return self.proj(h.mean(dim=1))
+        keep = (~pad).unsqueeze(-1).to(h.dtype)
+        return self.proj((h * keep).sum(1) / keep.sum(1).clamp_min(1.0))
+
+
 class TransformerEncoder(nn.Module):
     """[B, T, D] -> linear embedding + learned positions -> 2 transformer layers -> mean over T."""
 
     def __init__(self, in_dim: int, seq_len: int, hidden: int, out_dim: int, dropout: float = 0.0,
                  layers: int = 2, heads: int = 4):
         super().__init__()
-        if hidden % heads:
-            heads = 1
         self.embed = nn.Linear(in_dim, hidden)
-        self.pos = nn.Parameter(torch.zeros(1, seq_len, hidden))
-        nn.init.normal_(self.pos, std=0.02)
-        layer = nn.TransformerEncoderLayer(hidden, heads, 2 * hidden, dropout, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.proj = nn.Linear(hidden, out_dim)
+        self.core = _TransformerCore(seq_len, hidden, out_dim, dropout, layers, heads)
         self.out_dim = out_dim
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.embed(x) + self.pos[:, : x.shape[1]]
-        return self.proj(self.encoder(h).mean(dim=1))
+        return self.core(self.embed(x))
 
 
 class GRUEncoder(nn.Module):
@@ -158,26 +173,17 @@ class TextEncoder(nn.Module):
     def __init__(self, vocab_size: int, seq_len: int, hidden: int, out_dim: int, dropout: float = 0.0,
                  layers: int = 2, heads: int = 4, pad_id: int = 0):
         super().__init__()
-        if hidden % heads:
-            heads = 1
         self.pad_id = int(pad_id)
         self.vocab_size = int(vocab_size)
         self.embed = nn.Embedding(vocab_size, hidden, padding_idx=self.pad_id)
-        self.pos = nn.Parameter(torch.zeros(1, seq_len, hidden))
-        nn.init.normal_(self.pos, std=0.02)
-        layer = nn.TransformerEncoderLayer(hidden, heads, 2 * hidden, dropout, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.proj = nn.Linear(hidden, out_dim)
+        self.core = _TransformerCore(seq_len, hidden, out_dim, dropout, layers, heads)
         self.out_dim = out_dim
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.long()
         pad = x == self.pad_id
         pad[:, 0] &= ~pad.all(dim=1)  # an all-padding row attends to its first position (no NaN)
-        h = self.embed(x) + self.pos[:, : x.shape[1]]
-        h = self.encoder(h, src_key_padding_mask=pad)
-        keep = (~pad).unsqueeze(-1).to(h.dtype)
-        return self.proj((h * keep).sum(1) / keep.sum(1).clamp_min(1.0))
+        return self.core(self.embed(x), pad)
 
 
 class HFTextEncoder(nn.Module):

@@ -597,6 +597,20 @@ def _attach_audio(clips: List[Clip], index: Dict[str, Path], names: Optional[Cal
 _SPLIT_DIRS = ["", "data", "annotations", "splits", "lists"]
 
 
+
+def _audio_visual_bundle(name: str, o: AVOptions, data_cfg, root: Path, clips: List[Clip], class_names: List[str],
+                         num_classes: int, audio_dirs: Sequence[str], visual_dirs: Sequence[str]) -> DataBundle:
+    """Attach each clip's audio file and frame folder (found under the first existing candidate
+    folder, or the explicit ``audio_dir`` / ``visual_dir``) and build the audio + visual bundle."""
+    audio_dir = _find(root, o.audio_dir, list(audio_dirs), "audio folder")
+    visual_dir = _find(root, o.visual_dir, list(visual_dirs), "frame folder")
+    _attach_audio(clips, _audio_index(audio_dir, o.audio_format))
+    dirs = _FrameDirs(visual_dir)
+    for c in clips:
+        _attach_frames(c, "visual", dirs)
+    return build_av_bundle(name, o, data_cfg, clips, class_names, num_classes, _audio_spec(o), [_rgb_spec(o)],
+                           ("audio", "visual"), {"audio": "resnet18", "visual": "resnet18"})
+
 def _find_list(root: Path, explicit: str, names: Sequence[str], what: str, required: bool) -> Optional[Path]:
     cands = [str(Path(d) / n) if d else n for n in names for d in _SPLIT_DIRS]
     return _find(root, explicit, cands, what, required=required, want_dir=False)
@@ -650,14 +664,9 @@ def build_cremad(options: Optional[CremaDOptions], data_cfg=None, seed: int = 0)
             if emo not in cidx:
                 c.meta["problem"] = f"label '{emo}' in '{path.name}' is not one of {', '.join(order)}"
             clips.append(c)
-    audio_dir = _find(root, o.audio_dir, ["AudioWAV", "audio", "Audio-299", "Audio"], "audio folder")
-    visual_dir = _find(root, o.visual_dir, ["Image-01-FPS", "visual", "Image-01-FPS-SE", "frames"], "frame folder")
-    _attach_audio(clips, _audio_index(audio_dir, o.audio_format))
-    dirs = _FrameDirs(visual_dir)
-    for c in clips:
-        _attach_frames(c, "visual", dirs)
-    return build_av_bundle("cremad", o, data_cfg, clips, list(order), 6, _audio_spec(o), [_rgb_spec(o)],
-                           ("audio", "visual"), {"audio": "resnet18", "visual": "resnet18"})
+    return _audio_visual_bundle("cremad", o, data_cfg, root, clips, list(order), 6,
+                                ["AudioWAV", "audio", "Audio-299", "Audio"],
+                                ["Image-01-FPS", "visual", "Image-01-FPS-SE", "frames"])
 
 
 # ---------------------------------------------------------------------------------- Kinetics-Sounds
@@ -725,14 +734,9 @@ def build_kinetics_sounds(options: Optional[KineticsSoundsOptions], data_cfg=Non
                 c.meta["problem"] = f"label '{lab}' in '{path.name}' is outside the {k} classes"
                 c.label = -1
             clips.append(c)
-    audio_dir = _find(root, o.audio_dir, ["audio", "audio_npy", "Audio", "AudioWAV", "audio_spec"], "audio folder")
-    visual_dir = _find(root, o.visual_dir, ["visual", "frames", "Image-01-FPS", "video"], "frame folder")
-    _attach_audio(clips, _audio_index(audio_dir, o.audio_format))
-    dirs = _FrameDirs(visual_dir)
-    for c in clips:
-        _attach_frames(c, "visual", dirs)
-    return build_av_bundle("kinetics_sounds", o, data_cfg, clips, names, k, _audio_spec(o), [_rgb_spec(o)],
-                           ("audio", "visual"), {"audio": "resnet18", "visual": "resnet18"})
+    return _audio_visual_bundle("kinetics_sounds", o, data_cfg, root, clips, names, k,
+                                ["audio", "audio_npy", "Audio", "AudioWAV", "audio_spec"],
+                                ["visual", "frames", "Image-01-FPS", "video"])
 
 
 # ----------------------------------------------------------------------------------------------- AVE
@@ -775,14 +779,9 @@ def build_ave(options: Optional[AVEOptions], data_cfg=None, seed: int = 0) -> Da
             if c.label < 0:
                 c.meta["problem"] = f"category '{cat}' in '{path.name}' is not one of the 28 AVE classes"
             clips.append(c)
-    audio_dir = _find(root, o.audio_dir, ["Audio-1004-SE", "audio", "AudioWAV", "Audio"], "audio folder")
-    visual_dir = _find(root, o.visual_dir, ["Image-01-FPS-SE", "visual", "Image-01-FPS", "frames"], "frame folder")
-    _attach_audio(clips, _audio_index(audio_dir, o.audio_format))
-    dirs = _FrameDirs(visual_dir)
-    for c in clips:
-        _attach_frames(c, "visual", dirs)
-    return build_av_bundle("ave", o, data_cfg, clips, list(order), 28, _audio_spec(o), [_rgb_spec(o)],
-                           ("audio", "visual"), {"audio": "resnet18", "visual": "resnet18"})
+    return _audio_visual_bundle("ave", o, data_cfg, root, clips, list(order), 28,
+                                ["Audio-1004-SE", "audio", "AudioWAV", "Audio"],
+                                ["Image-01-FPS-SE", "visual", "Image-01-FPS", "frames"])
 
 
 # ------------------------------------------------------------------------------------------- UCF-101
