@@ -119,3 +119,25 @@ def test_cuda_request_without_gpu_is_a_clear_error():
     from mmbalance.errors import ConfigError
     with pytest.raises(ConfigError, match="no CUDA device"):
         Trainer(tiny_config("joint", ["train.device=cuda"]), None, quiet=True)
+
+
+def test_tensorboard_is_optional(tmp_path):
+    """train.tensorboard=true writes event files when tensorboard is installed, else fails
+    before training with a clear message naming the package."""
+    import importlib.util
+    from mmbalance.errors import ConfigError
+    cfg = tiny_config("joint", SMALL + ["train.epochs=1", "train.tensorboard=true"])
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ConfigError, match="pip install tensorboard"):
+            Trainer(cfg, tmp_path, quiet=True).fit()
+        assert not (tmp_path / "result.json").exists()
+    else:
+        Trainer(cfg, tmp_path, quiet=True).fit()
+        assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_nonfinite_loss_stops_with_a_clear_error(tmp_path):
+    from mmbalance.errors import MMBalanceError
+    cfg = tiny_config("joint", SMALL + ["train.epochs=1", "optim.lr=1e30", "optim.momentum=0"])
+    with pytest.raises(MMBalanceError, match="loss became"):
+        Trainer(cfg, tmp_path, quiet=True).fit()
