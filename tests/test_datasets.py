@@ -93,3 +93,19 @@ def test_avdigits_trains_end_to_end(shared_data, tmp_path):
     assert res["test"]["accuracy"] > 0.5
     for m in ("audio", "image"):
         assert res["test"]["modalities"][m]["head_accuracy"] > 0.3
+
+
+@pytest.mark.slow
+def test_synthetic_default_shows_modality_imbalance(tmp_path):
+    """Under joint training the weak modality x2's zero-out accuracy stays clearly below what x2
+    reaches when trained alone, and the fused model is no better than x1 alone."""
+    from mmbalance.config import resolve_config
+    from mmbalance.training.trainer import Trainer
+    res = {}
+    for name, over in (("joint", []), ("uni_x2", ["method.modality=x2"]), ("uni_x1", ["method.modality=x1"])):
+        method = "joint" if name == "joint" else "unimodal"
+        cfg = resolve_config("synthetic", method, None, over + ["train.progress=off"])
+        res[name] = Trainer(cfg, tmp_path / name, quiet=True).fit()["test"]
+    joint_x2 = res["joint"]["modalities"]["x2"]["zero_out_accuracy"]
+    assert joint_x2 < res["uni_x2"]["accuracy"] - 0.05
+    assert res["joint"]["accuracy"] < res["uni_x1"]["accuracy"] + 0.01
