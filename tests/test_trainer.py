@@ -141,3 +141,22 @@ def test_nonfinite_loss_stops_with_a_clear_error(tmp_path):
     cfg = tiny_config("joint", SMALL + ["train.epochs=1", "optim.lr=1e30", "optim.momentum=0"])
     with pytest.raises(MMBalanceError, match="loss became"):
         Trainer(cfg, tmp_path, quiet=True).fit()
+
+
+@pytest.mark.slow
+def test_two_process_training_under_torchrun(tmp_path):
+    """DDP (gloo, CPU) through torchrun: shards the epoch, averages gradients, rank 0 writes."""
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "mmbalance", "train",
+           "--dataset", "synthetic", "--method", "ogm_ge", "--out", str(out), "--quiet", "epochs=2",
+           "train.threads=1"] + SMALL
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((out / "result.json").read_text())
+    assert res["epochs"] == 2 and 0 <= res["test"]["accuracy"] <= 1
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]

@@ -345,7 +345,8 @@ class Trainer:
 
     def finish(self) -> Dict[str, Any]:
         # test (and val) on the best checkpoint
-        if self.out is not None and (self.out / "checkpoints" / "best.pt").exists():
+        # (other processes keep their own copy: rank 0 may still be writing best.pt)
+        if self.is_main and self.out is not None and (self.out / "checkpoints" / "best.pt").exists():
             self.load_state(load_checkpoint(self.out / "checkpoints" / "best.pt"), weights_only=True)
         elif getattr(self, "_best_state", None) is not None:
             self.load_state(self._best_state, weights_only=True)
