@@ -160,3 +160,14 @@ def test_two_process_training_under_torchrun(tmp_path):
     assert res["epochs"] == 2 and 0 <= res["test"]["accuracy"] <= 1
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1]
+
+
+def test_channels_last_matches_and_bf16_runs(tmp_path):
+    from utils import tiny_bundle
+    bundle = tiny_bundle(2, shapes={"img": (1, 8, 8), "vec": (5,)})
+    base = ["train.epochs=1", "model.feature_dim=8"]
+    plain = Trainer(tiny_config("joint", base), None, quiet=True, bundle=bundle).fit()
+    cl = Trainer(tiny_config("joint", base + ["model.channels_last=true"]), None, quiet=True, bundle=bundle).fit()
+    assert cl["test"]["loss"] == pytest.approx(plain["test"]["loss"], rel=1e-4)
+    bf = Trainer(tiny_config("joint", base + ["train.bf16=true"]), None, quiet=True, bundle=bundle).fit()
+    assert 0 <= bf["test"]["accuracy"] <= 1 and bf["test"]["loss"] == pytest.approx(plain["test"]["loss"], rel=0.2)
