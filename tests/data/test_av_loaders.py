@@ -254,3 +254,22 @@ def test_missing_split_file_and_root(tmp_path):
         build_dataset("cremad", small(CremaDOptions), cfg(tmp_path / "nope"), 0)
     with pytest.raises(DataError, match="train.csv"):
         build_dataset("cremad", small(CremaDOptions), cfg(tmp_path), 0)
+
+
+@pytest.mark.slow
+def test_cremad_trains_from_the_cli_with_the_cache(tmp_path):
+    """`mmbalance train --dataset cremad --data-root DIR --method bmm` on the GeWu layout (small .npy
+    audio features keep the ResNet-18 cheap); the second run reads the filled input cache and gives
+    the same result."""
+    import json
+    from mmbalance.cli import main
+    make_cremad(tmp_path / "data", layout="gewu")
+    args = ["train", "--dataset", "cremad", "--data-root", str(tmp_path / "data"), "--method", "bmm", "--quiet",
+            "epochs=2", "method.warmup_epochs=1", "data.image_size=16", "model.small_input=true",
+            "data.batch_size=6", f"data.cache={tmp_path / 'cache'}"]
+    assert main(args + ["--out", str(tmp_path / "r1")]) == 0
+    assert main(args + ["--out", str(tmp_path / "r2")]) == 0
+    r1, r2 = (json.loads((tmp_path / r / "result.json").read_text()) for r in ("r1", "r2"))
+    assert r1["test"] == r2["test"]
+    assert set(r1["test"]["modalities"]) == {"audio", "visual"}
+    assert any((tmp_path / "cache").rglob("*"))
