@@ -29,11 +29,17 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--docs", default="docs")
+    ap.add_argument("--from-csv", action="store_true", help="re-make the report and plot from OUT/sweep.csv")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = args.methods.split(",")
     rows = []
-    for s, u1 in POINTS:
+    if args.from_csv:
+        rows = _read_csv(Path(args.out) / "sweep.csv")
+        points = []
+    else:
+        points = POINTS
+    for s, u1 in points:
         over = [f"data.shared={s}", f"data.unique=[{u1},{U2}]"]
         point_rows = run_bench(["synthetic"], methods, seeds, Path(args.out) / f"S{s}_U{u1}", epochs=args.epochs,
                                overrides=over, log=lambda m: print(m, file=sys.stderr, flush=True))
@@ -41,17 +47,32 @@ def main(argv=None) -> int:
             r.update(shared=s, unique1=u1, unique2=U2)
         rows += point_rows
     out = Path(args.out)
+    if args.from_csv:
+        return _write_docs(rows, methods, seeds, Path(args.docs))
     cols = list(dict.fromkeys(k for r in rows for k in r))
     with open(out / "sweep.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
-    docs = Path(args.docs)
+    return _write_docs(rows, methods, seeds, Path(args.docs))
+
+
+def _write_docs(rows, methods, seeds, docs: Path) -> int:
     docs.mkdir(exist_ok=True)
     (docs / "synthetic_sweep.md").write_text(report(rows, methods, seeds))
     plot(rows, methods, docs / "synthetic_sweep.png")
     print((docs / "synthetic_sweep.md").read_text())
     return 0
+
+
+def _read_csv(path: Path):
+    rows = []
+    for r in csv.DictReader(open(path)):
+        for k, v in r.items():
+            if k not in ("dataset", "method") and v not in ("", None):
+                r[k] = float(v)
+        rows.append(r)
+    return rows
 
 
 def _ms(vals):
@@ -95,14 +116,18 @@ def plot(rows, methods, path: Path) -> None:
     except ImportError:
         print("matplotlib not installed: no plot", file=sys.stderr)
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    xs = [u / s for s, u in POINTS]
-    for m in methods:
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    xs = list(range(len(POINTS)))
+    colors = plt.get_cmap("tab20").colors
+    for i, m in enumerate(methods):
         means, sds = zip(*[_ms([r["accuracy"] for r in rows if r["method"] == m and r["shared"] == s and r["unique1"] == u])
                            for s, u in POINTS])
-        ax.errorbar(xs, [100 * v for v in means], yerr=[100 * v for v in sds], marker="o", capsize=2, label=m)
-    ax.set_xscale("log")
-    ax.set_xlabel("U1 / S (unique information of x1 over shared information)")
+        ax.errorbar([x + 0.012 * (i - len(methods) / 2) for x in xs], [100 * v for v in means],
+                    yerr=[100 * v for v in sds], marker="os^vD"[i % 5], capsize=2, label=m,
+                    color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20],
+                    linestyle="-" if i < 6 else "--")
+    ax.set_xticks(xs, [f"S={s}\nU1={u}" for s, u in POINTS])
+    ax.set_xlabel("shared information S falls, unique information of x1 (U1) grows")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"Synthetic sweep, U2 = {U2}")
     ax.legend(fontsize=7, ncol=2)
