@@ -42,3 +42,15 @@ def test_summarize_mean_std():
             for a in (0.5, 0.7)]
     md = summarize(rows)
     assert "| m | 2 | 60.00 ± 14.14 | 50.00 ± 0.00 | 10.00 ± 0.00 | 1.0 |" in md
+
+
+def test_overrides_may_be_interleaved_with_options(tmp_path):
+    out = tmp_path / "r"
+    rc = main(["train", "--dataset", "synthetic", "--method", "unimodal", "method.modality=x2", "--out", str(out),
+               "epochs=1", "--quiet", "data.n_train=100", "data.n_val=50", "data.n_test=50"])
+    assert rc == 0
+    import yaml
+    tree = yaml.safe_load((out / "config.yaml").read_text())
+    assert tree["method"]["modality"] == "x2" and tree["train"]["epochs"] == 1
+    with pytest.raises(SystemExit):
+        main(["train", "--dataset", "synthetic", "--bogus-flag"])

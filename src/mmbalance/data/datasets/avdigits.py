@@ -1,6 +1,7 @@
 """Audio-visual digits: FSDD spoken digits paired with MNIST images of the same digit.
 
-In the spirit of AV-MNIST (MultiBench). Audio: the FSDD recording (8 kHz) cut or zero-padded to
+In the spirit of AV-MNIST (MultiBench). Audio: the FSDD recording (8 kHz) repeated (``audio_fill=tile``, the
+OGM-GE convention; most recordings are 0.3-0.7 s) or zero-padded (``pad``) and cut to
 ``audio_seconds``, log-magnitude spectrogram ``log(|STFT| + 1e-7)`` with ``torch.stft`` (Hann
 window, ``n_fft``, ``hop``), standardised with the training split's mean and std -> [1, F, T].
 Image: the 28x28 MNIST digit in [0, 1], optionally degraded by Gaussian noise of std
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from ...errors import DataError
+from .. import media
 from ..base import DataBundle, Subset, TensorMultimodalDataset, register_dataset, stratified_holdout
 
 _NAME = re.compile(r"^(\d)_([A-Za-z]+)_(\d+)\.wav$")
@@ -34,6 +36,7 @@ _NAME = re.compile(r"^(\d)_([A-Za-z]+)_(\d+)\.wav$")
 @dataclass
 class AVDigitsOptions:
     audio_seconds: float = 1.0
+    audio_fill: str = "tile"  # tile (repeat the recording, as OGM-GE does for CREMA-D) | pad (zeros)
     n_fft: int = 128
     hop: int = 64
     image_noise: float = 0.0
@@ -47,41 +50,9 @@ def default_root() -> Path:
     return Path(env) if env else Path("../shared/data")
 
 
-def read_wav(path: Path) -> Tuple[np.ndarray, int]:
-    """Mono float32 waveform in [-1, 1] and its sample rate; clear errors for bad files."""
-    from scipy.io import wavfile
-    try:
-        sr, x = wavfile.read(str(path))
-    except Exception as exc:
-        raise DataError(f"audio file '{path}' could not be decoded ({exc}); truncated or not a WAV?") from None
-    if x.size == 0:
-        raise DataError(f"audio file '{path}' holds no samples")
-    if np.issubdtype(x.dtype, np.integer):
-        x = x.astype(np.float32) / float(np.iinfo(x.dtype).max)
-    x = x.astype(np.float32)
-    if x.ndim == 2:
-        x = x.mean(axis=1)
-    return x, int(sr)
-
-
-def log_spectrogram(wave: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
-    """``log(|STFT| + 1e-7)`` with a Hann window, centred frames: [n_fft // 2 + 1, frames]."""
-    spec = torch.stft(wave, n_fft=n_fft, hop_length=hop, window=torch.hann_window(n_fft), center=True,
-                      return_complex=True)
-    return torch.log(spec.abs() + 1e-7)
-
-
-def fix_length(x: np.ndarray, n: int) -> np.ndarray:
-    return x[:n] if len(x) >= n else np.pad(x, (0, n - len(x)))
-
-
-def read_png(path: Path) -> np.ndarray:
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-    except Exception as exc:
-        raise DataError(f"image file '{path}' could not be decoded ({exc})") from None
+def read_png(path: Path) -> torch.Tensor:
+    """One grey-scale image [H, W] in [0, 1]."""
+    return media.to_float(media.load_image_uint8(path, mode="L"))[0]
 
 
 @register_dataset("avdigits", options=AVDigitsOptions, modalities=("audio", "image"), needs_root=True,
@@ -104,10 +75,11 @@ def build_avdigits(options: AVDigitsOptions, data_cfg=None, seed: int = 0) -> Da
         m = _NAME.match(p.name)
         if not m:
             raise DataError(f"avdigits: file name '{p.name}' is not <digit>_<speaker>_<repetition>.wav")
-        x, sr = read_wav(p)
+        x, sr = media.read_audio(p)
         if sr != 8000:
             raise DataError(f"audio file '{p}' has sample rate {sr}; FSDD recordings are 8000 Hz")
-        specs.append(log_spectrogram(torch.from_numpy(fix_length(x, n_samples)), o.n_fft, o.hop))
+        x = media.tile_to(x, n_samples) if o.audio_fill == "tile" else media.fix_length(x, n_samples)
+        specs.append(media.log_spectrogram(x, o.n_fft, o.hop))
         labels.append(int(m.group(1)))
         is_test.append(int(m.group(3)) <= 4)
     audio = torch.stack(specs).unsqueeze(1)  # N,1,F,T
@@ -127,7 +99,7 @@ def build_avdigits(options: AVDigitsOptions, data_cfg=None, seed: int = 0) -> Da
             rows = np.flatnonzero(mask & (y == d))
             pick = rng.permutation(len(pngs))
             for j, r in enumerate(rows):
-                images[r, 0] = torch.from_numpy(read_png(pngs[pick[j % len(pngs)]]))
+                images[r, 0] = read_png(pngs[pick[j % len(pngs)]])
     if o.image_noise > 0:
         g = torch.Generator().manual_seed(o.pair_seed + 1)
         images = images + o.image_noise * torch.randn(images.shape, generator=g)
