@@ -199,17 +199,14 @@ _PRESETS = {"train": {"epochs": 70}, "optim": {"lr": 0.01}, "data": {"batch_size
             "schedule": {"name": "step", "step_size": 50, "gamma": 0.1}}
 
 
-@register_dataset("mosi", options=MosiOptions, modalities=MODALITIES, needs_root=True, presets=_PRESETS,
-                  description="CMU-MOSI text/audio/vision features (MulT/MultiBench mosi_data.pkl), binary sentiment")
-def build_mosi(options: MosiOptions, data_cfg=None, seed: int = 0) -> DataBundle:
-    o = options or MosiOptions()
-    path = find_pickle("mosi", getattr(data_cfg, "root", None), o.file)
-    return load_mosi("mosi", path, o, getattr(data_cfg, "on_error", "raise"))
+def _register(name: str, description: str) -> None:
+    @register_dataset(name, options=MosiOptions, modalities=MODALITIES, needs_root=True, presets=_PRESETS,
+                      description=description)
+    def build(options: MosiOptions, data_cfg=None, seed: int = 0) -> DataBundle:
+        o = options or MosiOptions()
+        path = find_pickle(name, getattr(data_cfg, "root", None), o.file)
+        return load_mosi(name, path, o, getattr(data_cfg, "on_error", "raise"))
 
 
-@register_dataset("mosei", options=MosiOptions, modalities=MODALITIES, needs_root=True, presets=_PRESETS,
-                  description="CMU-MOSEI text/audio/vision features (MulT/MultiBench mosei_senti_data.pkl), binary sentiment")
-def build_mosei(options: MosiOptions, data_cfg=None, seed: int = 0) -> DataBundle:
-    o = options or MosiOptions()
-    path = find_pickle("mosei", getattr(data_cfg, "root", None), o.file)
-    return load_mosi("mosei", path, o, getattr(data_cfg, "on_error", "raise"))
+_register("mosi", "CMU-MOSI text/audio/vision features (MulT/MultiBench mosi_data.pkl), binary sentiment")
+_register("mosei", "CMU-MOSEI text/audio/vision features (MulT/MultiBench mosei_senti_data.pkl), binary sentiment")
