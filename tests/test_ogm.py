@@ -5,7 +5,6 @@ import torch
 
 from mmbalance.functional.ogm import (discrepancy_ratios, modulate_gradient, ogm_coefficients,
                                       ogm_coefficients_from_scores)
-from mmbalance.methods import build_method
 from mmbalance.methods.ogm import OGMOptions, modulated_parameters
 
 

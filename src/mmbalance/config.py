@@ -260,7 +260,7 @@ def _coerce(value: Any, tp: Any, where: str, errors: List[str]) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
-        return value.parsed() if isinstance(value, RawValue) else value
+        return value
     if origin is typing.Union:
         if value is None and type(None) in args:
             return None
@@ -348,7 +348,8 @@ def build_dataclass(cls: Type, values: Mapping[str, Any], where: str, errors: Li
     return obj
 
 
-def split_section(values: Mapping[str, Any], base_cls: type, options_cls: Optional[type]) -> Tuple[Dict, Dict]:
+def split_section(values: Mapping[str, Any], base_cls: type) -> Tuple[Dict, Dict]:
+    """Split a section into the keys of ``base_cls`` and the rest (the dataset/method options)."""
     base_names = {f.name for f in fields(base_cls)}
     base = {k: v for k, v in values.items() if k in base_names}
     rest = {k: v for k, v in values.items() if k not in base_names}
@@ -423,19 +424,18 @@ def resolve_config(dataset: Optional[str] = None, method: Optional[str] = None,
         if sec not in ("data", "method"):
             setattr(cfg, sec, build_dataclass(cls, values, sec, errors))
             continue
-        base, rest = split_section(values, cls, opts_cls)
+        base, rest = split_section(values, cls)
         setattr(cfg, sec, build_dataclass(cls, base, sec, errors))
-        if True:
-            if opts_cls is None:
-                for k in rest:
-                    errors.append(f"unknown key '{sec}.{k}'.{suggest(k, [f.name for f in fields(cls)])} "
-                                  f"Valid keys: {', '.join(f.name for f in fields(cls))}")
-                continue
-            allowed = [f.name for f in fields(cls)] + options_fields(opts_cls)
-            sub: List[str] = []
-            obj = build_dataclass(opts_cls, rest, sec, sub)
-            errors.extend(e.replace(f"Valid keys: {', '.join(options_fields(opts_cls))}", f"Valid keys: {', '.join(allowed)}") for e in sub)
-            setattr(cfg, f"{sec}_options", obj)
+        valid = [f.name for f in fields(cls)] + options_fields(opts_cls)
+        if opts_cls is None:
+            for k in rest:
+                errors.append(f"unknown key '{sec}.{k}'.{suggest(k, valid)} Valid keys: {', '.join(valid)}")
+            continue
+        sub: List[str] = []
+        setattr(cfg, f"{sec}_options", build_dataclass(opts_cls, rest, sec, sub))
+        # name the section's own keys too in "Valid keys" (they are accepted beside the options)
+        errors.extend(e.replace(f"Valid keys: {', '.join(options_fields(opts_cls))}", f"Valid keys: {', '.join(valid)}")
+                      for e in sub)
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
     return cfg

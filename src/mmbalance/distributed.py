@@ -6,8 +6,6 @@ single process and sum / gather across processes when ``torch.distributed`` is i
 """
 from __future__ import annotations
 
-from typing import List
-
 import torch
 import torch.distributed as dist
 from torch import Tensor

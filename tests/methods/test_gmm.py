@@ -8,7 +8,6 @@ import tempfile
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mmbalance.errors import MethodSetupError
 from mmbalance.functional.gmm import (adaptive_loss, anneal, fit_gap_gmm, gmm_posteriors, modality_gap,

@@ -1,6 +1,5 @@
 """MM and B-MM: the pure math on hand-computed tensors, and the methods through the trainer."""
 import math
-import os
 
 import pytest
 import torch

@@ -3,7 +3,6 @@ budget; one row per run in ``results.csv`` and mean +- std per dataset x method 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import statistics
 from pathlib import Path

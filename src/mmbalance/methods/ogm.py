@@ -23,7 +23,7 @@ Deviations, each a switch:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import List
 
 import torch
 

@@ -20,7 +20,7 @@ Every fusion implements ``forward(features) -> logits [B, K]`` and
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Sequence
+from typing import Dict, Mapping
 
 import torch
 from torch import Tensor, nn

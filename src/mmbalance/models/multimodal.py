@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, Mapping, Optional
 
-import torch
 from torch import Tensor, nn
 
 from .fusion import Fusion, zero_out
