@@ -61,7 +61,8 @@ class TrainContext:
                  train_eval_batches: Optional[Callable[[], Iterable[Batch]]] = None,
                  train_size: int = 0, train_labels: Optional[Sequence[int]] = None,
                  autocast: Optional[Callable[[], Any]] = None, grad_clip: float = 0.0, seed: int = 0,
-                 sync_grads: Optional[Callable[[], None]] = None):
+                 sync_grads: Optional[Callable[[], None]] = None,
+                 engine: Optional[Callable[..., Any]] = None):
         self.model = model
         self.optimizer = optimizer
         self.num_epochs = num_epochs
@@ -78,6 +79,7 @@ class TrainContext:
         self._train_eval_batches = train_eval_batches
         self._autocast = autocast
         self._sync_grads = sync_grads
+        self._engine = engine
 
     @property
     def modalities(self) -> List[str]:
@@ -105,6 +107,19 @@ class TrainContext:
             import contextlib
             return contextlib.nullcontext()
         return self._autocast()
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(model, *args, **kwargs)`` through the process-group engine.
+
+        Every forward pass whose outputs a method will ``backward()`` must go through here: under
+        ``torchrun`` the trainer runs it inside ``DistributedDataParallel.forward``, so the
+        gradients of its outputs are averaged across processes during ``backward()`` (bucketed,
+        overlapped). In one process it is the plain call. Return the loss (and any other tensors
+        the loss depends on) from ``fn``: tensors, tuples, dicts and dataclasses are all seen.
+        """
+        if self._engine is None:
+            return fn(self.model, *args, **kwargs)
+        return self._engine(fn, *args, **kwargs)
 
     def sync_grads(self) -> None:
         """Average gradients over processes (a no-op in one process). Call after backward."""
@@ -180,7 +195,7 @@ class Method:
         """One optimisation step. Override only for a different control flow."""
         batch = self.transform_batch(batch, ctx)
         with ctx.autocast():
-            result = self.compute_loss(model, batch, ctx)
+            result = ctx.run(lambda m, b: self.compute_loss(m, b, ctx), batch)
         ctx.optimizer.zero_grad(set_to_none=True)
         result.loss.backward()
         ctx.sync_grads()
