@@ -22,7 +22,12 @@ def cmd_train(args) -> int:
     D.init_from_env()
     try:
         if args.resume:
-            res = run_from_dir(args.resume, quiet=args.quiet)
+            if args.out and Path(args.out) != Path(args.resume):
+                raise MMBalanceError("--resume DIR continues the run in DIR; do not pass another --out")
+            if args.dataset or args.method or args.config:
+                raise MMBalanceError("--resume takes its dataset, method and config from the run folder; "
+                                     "drop --dataset/--method/--config")
+            res = run_from_dir(args.resume, quiet=args.quiet, overrides=args.overrides)
         else:
             if not args.out:
                 raise MMBalanceError("--out DIR is required (or --resume DIR)")
@@ -30,7 +35,7 @@ def cmd_train(args) -> int:
             if args.data_root:
                 overrides.append(f"data.root={args.data_root}")
             cfg = resolve_config(args.dataset, args.method, args.config, overrides)
-            res = Trainer(cfg, args.out, quiet=args.quiet).fit()
+            res = Trainer(cfg, args.out, quiet=args.quiet, overwrite=args.overwrite).fit()
         if D.rank() == 0:
             print(json.dumps({"test_accuracy": res["test"]["accuracy"], "test_macro_f1": res["test"]["macro_f1"],
                               "best_epoch": res["best_epoch"]}))
@@ -41,6 +46,8 @@ def cmd_train(args) -> int:
 
 def cmd_bench(args) -> int:
     from .bench.runner import QUICK_DATASETS, run_bench
+    if args.epochs is not None and args.epochs < 1:
+        raise MMBalanceError(f"--epochs must be >= 1, got {args.epochs}")
     datasets = _parse_list(args.datasets) or list(QUICK_DATASETS)
     methods = _parse_list(args.methods) or ["all"]
     seeds = [int(s) for s in _parse_list(args.seeds)] or [0, 1, 2]
@@ -50,8 +57,47 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _options_lines(cls) -> List[str]:
+    """``name = default  # comment`` for every field of an options dataclass (comments read from
+    its source, where the project keeps each option's one-line doc)."""
+    import dataclasses
+    import inspect
+    import re
+    if cls is None or not dataclasses.is_dataclass(cls):
+        return ["  (no options)"]
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        src = ""
+    notes = {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", src, re.M)}
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        note = f"  # {notes[f.name]}" if f.name in notes else ""
+        out.append(f"  {f.name} = {default!r}{note}")
+    return out or ["  (no options)"]
+
+
+def _doc(obj) -> str:
+    import inspect
+    return inspect.cleandoc(inspect.getmodule(obj).__doc__ or obj.__doc__ or "")
+
+
 def cmd_methods(args) -> int:
     from .methods import METHODS
+    if args.name:
+        e = METHODS.entry(args.name)
+        cls = e.obj
+        print(f"{e.name}: {e.description}\npaper: {e.meta['paper']}\nkind: {e.meta['kind']}, "
+              f"modalities {e.meta['modalities']}")
+        presets = getattr(cls, "presets", {}) or {}
+        if presets:
+            print("presets: " + "; ".join(f"{ds}: {p.get('method', p)}" for ds, p in presets.items()))
+        print("options (method.<name>=value):")
+        print("\n".join(_options_lines(cls.Options)))
+        print("\n" + _doc(cls))
+        return 0
     w = max(len(n) for n in METHODS.names())
     for name, e in METHODS:
         print(f"{name:<{w}}  [{e.meta['kind']}, modalities {e.meta['modalities']}] {e.description} ({e.meta['paper']})")
@@ -61,6 +107,17 @@ def cmd_methods(args) -> int:
 def cmd_datasets(args) -> int:
     from .data import DATASETS
     from .data import datasets  # noqa: F401
+    if args.name:
+        e = DATASETS.entry(args.name)
+        print(f"{e.name}: {e.description}")
+        if e.meta.get("modalities"):
+            print(f"modalities: {', '.join(e.meta['modalities'])}")
+        if e.meta.get("presets"):
+            print(f"presets: {e.meta['presets']}")
+        print("options (data.<name>=value):")
+        print("\n".join(_options_lines(e.meta.get("options"))))
+        print("\n" + _doc(e.obj))
+        return 0
     w = max(len(n) for n in DATASETS.names())
     for name, e in DATASETS:
         print(f"{name:<{w}}  {e.description}")
@@ -90,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML file with config sections (data, model, optim, schedule, train, method)")
     t.add_argument("--data-root", help="shortcut for data.root=DIR")
     t.add_argument("--out", help="output folder")
-    t.add_argument("--resume", metavar="DIR", help="continue the stopped run in DIR")
+    t.add_argument("--resume", metavar="DIR", help="continue the stopped run in DIR (overrides: only epochs, "
+                   "early_stopping and logging keys may change)")
+    t.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     t.add_argument("--quiet", action="store_true")
     t.add_argument("overrides", nargs="*", help="dotted overrides: method.alpha=0.5 optim.lr=1e-3 epochs=5 seed=1")
     t.set_defaults(func=cmd_train)
@@ -122,8 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--jpeg-quality", type=int, default=95)
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_prepare)
-    sub.add_parser("methods", help="list registered methods").set_defaults(func=cmd_methods)
-    sub.add_parser("datasets", help="list registered datasets").set_defaults(func=cmd_datasets)
+    m = sub.add_parser("methods", help="list registered methods; with a NAME: its paper, options and notes")
+    m.add_argument("name", nargs="?")
+    m.set_defaults(func=cmd_methods)
+    d = sub.add_parser("datasets", help="list registered datasets; with a NAME: its options and notes")
+    d.add_argument("name", nargs="?")
+    d.set_defaults(func=cmd_datasets)
     return p
 
 
@@ -137,10 +200,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     try:
-        return args.func(args)
+        rc = args.func(args)
+        sys.stdout.flush()
+        return rc
     except MMBalanceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `mmbalance methods | head`: the reader left; end quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

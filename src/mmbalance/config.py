@@ -57,6 +57,8 @@ class ModelConfig:
     unimodal_heads: bool = False  # methods that need heads switch this on themselves
     small_input: bool = False  # ResNet-18 stem for small images (3x3 conv, no max-pool)
     channels_last: bool = False
+    #: set by the trainer when the model was built in Python (its description); not a user key
+    custom: Optional[str] = None
 
     def validate(self):
         from .models.encoders import ENCODER_NAMES
@@ -67,8 +69,10 @@ class ModelConfig:
         for where, enc in [("encoder", self.encoder)] + [(f"encoders.{m}", e) for m, e in self.encoders.items()]:
             if enc not in ENCODER_NAMES:
                 errs.append(f"unknown {where} '{enc}'.{suggest(enc, list(ENCODER_NAMES))} Choose from {', '.join(ENCODER_NAMES)}")
-        if self.feature_dim < 1 or self.hidden_dim < 1:
-            errs.append("feature_dim and hidden_dim must be >= 1")
+        if self.feature_dim < 1 or self.hidden_dim < 1 or self.fusion_hidden < 1:
+            errs.append("feature_dim, hidden_dim and fusion_hidden must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            errs.append(f"dropout must be in [0, 1), got {self.dropout}")
         return errs
 
 
@@ -84,8 +88,14 @@ class OptimConfig:
         errs = []
         if self.name not in OPTIMIZERS:
             errs.append(f"unknown optimiser '{self.name}'.{suggest(self.name, list(OPTIMIZERS))} Choose from {', '.join(OPTIMIZERS)}")
-        if self.lr <= 0:
+        if not self.lr > 0:
             errs.append(f"lr must be > 0, got {self.lr}")
+        if self.momentum < 0:
+            errs.append(f"momentum must be >= 0, got {self.momentum}")
+        if self.weight_decay < 0:
+            errs.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            errs.append(f"betas must each be in [0, 1), got {list(self.betas)}")
         return errs
 
 
@@ -97,9 +107,16 @@ class ScheduleConfig:
     warmup_epochs: int = 0  # linear warm-up (cosine and step)
 
     def validate(self):
+        errs = []
         if self.name not in SCHEDULES:
-            return [f"unknown schedule '{self.name}'.{suggest(self.name, list(SCHEDULES))} Choose from {', '.join(SCHEDULES)}"]
-        return []
+            errs.append(f"unknown schedule '{self.name}'.{suggest(self.name, list(SCHEDULES))} Choose from {', '.join(SCHEDULES)}")
+        if self.step_size < 1:
+            errs.append(f"step_size must be >= 1 (epochs between decays), got {self.step_size}")
+        if not self.gamma > 0:
+            errs.append(f"gamma must be > 0, got {self.gamma}")
+        if self.warmup_epochs < 0:
+            errs.append(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        return errs
 
 
 @dataclass
@@ -114,7 +131,7 @@ class TrainConfig:
     progress: str = "auto"  # auto (only on a TTY) | on | off
     tensorboard: bool = False
     eval_every: int = 1
-    threads: int = 0  # torch intra-op threads; 0 = leave as is
+    threads: int = 0  # torch intra-op threads; 0 = auto (1 for small models on CPU, see Trainer)
 
     def validate(self):
         errs = []
@@ -124,6 +141,14 @@ class TrainConfig:
             errs.append(f"device must be cpu, cuda, cuda:N or auto, got '{self.device}'")
         if self.progress not in ("auto", "on", "off"):
             errs.append(f"progress must be auto, on or off, got '{self.progress}'")
+        if self.eval_every < 1:
+            errs.append(f"eval_every must be >= 1 (evaluate every N epochs), got {self.eval_every}")
+        if self.early_stopping < 0:
+            errs.append(f"early_stopping must be >= 0 (0 = off), got {self.early_stopping}")
+        if self.grad_clip < 0:
+            errs.append(f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        if self.threads < 0:
+            errs.append(f"threads must be >= 0 (0 = auto), got {self.threads}")
         return errs
 
 
@@ -374,6 +399,8 @@ def dataset_entry(name: str):
     from .data import datasets  # noqa: F401  (registers built-ins)
     if name.endswith(".npz"):
         return DATASETS.entry("npz")
+    if name.split(":", 1)[0] == "custom":
+        return DATASETS.entry("custom")
     return DATASETS.entry(name)
 
 
@@ -389,11 +416,10 @@ def resolve_config(dataset: Optional[str] = None, method: Optional[str] = None,
         user = deep_merge(user, load_yaml(config_file))
     user = deep_merge(user, overrides_to_dict(overrides))
     errors: List[str] = []
-    for sec in user:
+    for sec in list(user):
         if sec not in SECTIONS:
             errors.append(f"unknown config section '{sec}'.{suggest(sec, list(SECTIONS))} Sections: {', '.join(SECTIONS)}")
-    if errors:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+            del user[sec]  # reported; the other sections are still checked below
     ds_name = dataset or user.get("data", {}).get("name") or DataConfig.name
     m_name = method or user.get("method", {}).get("name") or MethodConfig.name
     try:
@@ -406,7 +432,7 @@ def resolve_config(dataset: Optional[str] = None, method: Optional[str] = None,
     except RegistryError as exc:
         errors.append(str(exc))
         m_cls = None
-    if errors:
+    if ds_entry is None or m_cls is None:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 
     raw: Dict[str, Any] = {sec: defaults_dict(cls) for sec, cls in SECTIONS.items()}

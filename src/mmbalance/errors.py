@@ -22,3 +22,7 @@ class DataError(MMBalanceError, ValueError):
 
 class MethodSetupError(MMBalanceError, ValueError):
     """A method cannot run in the requested setup (e.g. too many modalities)."""
+
+
+class ModelSetupError(MMBalanceError, ValueError):
+    """A user-supplied model or encoder does not fit what the trainer needs."""

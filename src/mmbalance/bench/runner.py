@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..config import resolve_config
+from ..errors import ConfigError
 from ..methods import METHODS
 from ..training.trainer import Trainer
 
@@ -18,7 +19,8 @@ QUICK_DATASETS = ("synthetic",)
 def flatten_result(res: Dict[str, Any]) -> Dict[str, Any]:
     row = {"dataset": res["dataset"], "method": res["method"], "seed": res["seed"], "epochs": res["epochs"],
            "best_epoch": res["best_epoch"], "accuracy": res["test"]["accuracy"], "macro_f1": res["test"]["macro_f1"],
-           "val_accuracy": res["val"]["accuracy"], "train_seconds": res["train_seconds"]}
+           "val_accuracy": res["val"]["accuracy"], "train_seconds": res["train_seconds"],
+           "samples_seen": res.get("samples_seen"), "best_epoch_in_warmup": res.get("best_epoch_in_warmup")}
     for m, d in res["test"]["modalities"].items():
         row[f"zero_out_{m}"] = d.get("zero_out_accuracy")
         if "head_accuracy" in d:
@@ -59,6 +61,8 @@ def summarize(rows: List[Dict[str, Any]]) -> str:
 def run_bench(datasets: Sequence[str], methods: Sequence[str], seeds: Sequence[int], out_dir: str | Path,
               epochs: Optional[int] = None, overrides: Sequence[str] = (), config_file: Optional[str] = None,
               quiet: bool = True, log=print) -> List[Dict[str, Any]]:
+    if epochs is not None and epochs < 1:
+        raise ConfigError(f"bench epochs must be >= 1, got {epochs}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if list(methods) in (["all"], []):
@@ -68,22 +72,38 @@ def run_bench(datasets: Sequence[str], methods: Sequence[str], seeds: Sequence[i
     for ds in datasets:
         for method in methods:
             for seed in seeds:
-                ov = list(overrides) + [f"train.seed={seed}"] + ([f"train.epochs={epochs}"] if epochs else [])
+                ov = list(overrides) + [f"train.seed={seed}"] + ([f"train.epochs={epochs}"] if epochs is not None else [])
                 plan.append((ds, method, seed, resolve_config(ds, method, config_file, ov)))
     rows: List[Dict[str, Any]] = []
     csv_path = out / "results.csv"
     for i, (ds, method, seed, cfg) in enumerate(plan):
         run_dir = out / Path(ds).stem / method / f"seed{seed}"
-        res = Trainer(cfg, run_dir, quiet=quiet).fit()
+        res = _finished(run_dir, cfg)
+        note = " (finished earlier, reused)" if res is not None else ""
+        if res is None:  # a bench owns its run folders: an unfinished or different run is replaced
+            res = Trainer(cfg, run_dir, quiet=quiet, overwrite=True).fit()
         rows.append(flatten_result(res))
         log(f"[{i + 1}/{len(plan)}] {Path(ds).stem} {method} seed {seed}: acc {res['test']['accuracy']:.4f} "
-            f"({res['train_seconds']:.1f}s)")
+            f"({res['train_seconds']:.1f}s){note}")
         _write_csv(csv_path, rows)
     table = summarize(rows)
     (out / "results.md").write_text(f"# mmbalance bench\n\nTest-set metrics in %, mean ± std over seeds "
                                     f"{', '.join(map(str, seeds))}.\n\n{table}\n")
     log(table)
     return rows
+
+
+def _finished(run_dir: Path, cfg) -> Optional[Dict[str, Any]]:
+    """The result of a finished run in ``run_dir`` with exactly this config, else None."""
+    import json
+
+    import yaml
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        res = json.loads((run_dir / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return res if saved == cfg.to_dict() else None
 
 
 def _write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:

@@ -1,8 +1,10 @@
 from .base import DATASETS, DataBundle, MultimodalDataset, TensorMultimodalDataset, register_dataset
 from .batch import Batch, Sample, collate
+from .adapters import DatasetAdapter, from_arrays, from_datasets
 
 __all__ = ["Batch", "Sample", "collate", "DATASETS", "DataBundle", "MultimodalDataset",
-           "TensorMultimodalDataset", "register_dataset", "build_dataset"]
+           "TensorMultimodalDataset", "register_dataset", "build_dataset", "DatasetAdapter", "from_arrays",
+           "from_datasets"]
 
 
 def build_dataset(name: str, options, data_cfg, seed: int = 0) -> DataBundle:

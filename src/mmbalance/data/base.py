@@ -40,8 +40,11 @@ class MultimodalDataset(Dataset):
 class TensorMultimodalDataset(MultimodalDataset):
     """In-memory tensors: ``inputs[m]`` is [N, ...] for every modality."""
 
-    def __init__(self, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor | np.ndarray, num_classes: int):
-        self.inputs = {m: torch.as_tensor(x, dtype=torch.float32) for m, x in inputs.items()}
+    def __init__(self, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor | np.ndarray, num_classes: int,
+                 keep_dtype: bool = False):
+        """``keep_dtype``: keep integer inputs (token ids) as they are; otherwise all float32."""
+        self.inputs = {m: (torch.as_tensor(x) if keep_dtype else torch.as_tensor(x, dtype=torch.float32))
+                       for m, x in inputs.items()}
         self._labels = np.asarray(labels, dtype=np.int64)
         self.modalities = tuple(self.inputs)
         self.num_classes = int(num_classes)
@@ -78,6 +81,10 @@ class DataBundle:
     train_eval: Optional[MultimodalDataset] = None
     #: samples skipped under data.on_error=skip: dicts with split, index/clip, reason
     skipped: List[Dict[str, Any]] = field(default_factory=list)
+    #: "registry" (built from the config) or "python" (handed to the trainer by the user)
+    origin: str = "registry"
+    #: statistics fitted on the data (e.g. standardisation), plain dicts of tensors; saved with a run
+    transform_state: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         missing = [s for s in SPLITS if s not in self.splits]

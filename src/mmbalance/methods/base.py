@@ -48,7 +48,7 @@ class NoOptions:
 class LossOutput:
     loss: Tensor
     output: Optional[ModelOutput] = None  # for training accuracy (logits on this batch's rows)
-    logs: Dict[str, float] = field(default_factory=dict)
+    logs: Dict[str, float | Tensor] = field(default_factory=dict)  # per-batch means (0-d tensors allowed)
     labels: Optional[Tensor] = None  # labels matching output.logits when rows differ from the batch
 
 

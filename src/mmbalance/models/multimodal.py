@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Iterator, List, Mapping, Optional
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
 
+import torch
 from torch import Tensor, nn
+
+from ..errors import ModelSetupError
 
 from .fusion import Fusion, zero_out
 
@@ -19,17 +22,78 @@ class ModelOutput:
 
 
 class MultimodalModel(nn.Module):
+    """One encoder per modality (``encoders[m]``: a batch tensor ``[B, ...]`` -> ``[B, d_m]``),
+    a fusion module (features dict -> logits) and optional unimodal heads.
+
+    Your own encoders: :meth:`from_encoders`. ``feature_dims`` is read from each encoder's
+    ``out_dim`` attribute unless given.
+    """
+
     def __init__(self, encoders: Mapping[str, nn.Module], fusion: Fusion, num_classes: int,
-                 heads: bool = False):
+                 heads: bool = False, feature_dims: Optional[Mapping[str, int]] = None):
         super().__init__()
         self.modalities: List[str] = list(encoders)
         self.encoders = nn.ModuleDict(encoders)
         self.fusion = fusion
-        self.num_classes = num_classes
-        self.feature_dims = {m: int(e.out_dim) for m, e in encoders.items()}
+        self.num_classes = int(num_classes)
+        if feature_dims is None:
+            missing = [m for m, e in encoders.items() if not hasattr(e, "out_dim")]
+            if missing:
+                raise ModelSetupError(f"encoder(s) {missing} have no 'out_dim' attribute; pass feature_dims="
+                                      f"{{modality: d}} or use MultimodalModel.from_encoders")
+            feature_dims = {m: e.out_dim for m, e in encoders.items()}
+        self.feature_dims = {m: int(feature_dims[m]) for m in self.modalities}
         self.heads: Optional[nn.ModuleDict] = None
         if heads:
-            self.heads = nn.ModuleDict({m: nn.Linear(d, num_classes) for m, d in self.feature_dims.items()})
+            self.add_heads()
+
+    @classmethod
+    def from_encoders(cls, encoders: Mapping[str, nn.Module], num_classes: int, fusion: str = "concat", *,
+                      dims: Optional[Mapping[str, int]] = None,
+                      input_shapes: Optional[Mapping[str, Sequence[int]]] = None,
+                      heads: bool = False, fusion_hidden: int = 128) -> "MultimodalModel":
+        """A model on your own encoders with one of the library's fusions.
+
+        Each encoder maps modality ``m``'s batch tensor to ``[B, d_m]``. ``d_m`` comes from
+        ``dims[m]``, else the encoder's ``out_dim`` attribute, else a dry forward on zeros of
+        ``input_shapes[m]`` (per-sample shape, e.g. ``data.input_shapes``). Methods that need
+        unimodal heads or their own fusion add them when training starts.
+        """
+        from .fusion import build_fusion
+        from .resnet import ogm_init
+        if not encoders:
+            raise ModelSetupError("from_encoders needs at least one encoder")
+        bad = [m for m, e in encoders.items() if not isinstance(e, nn.Module)]
+        if bad:
+            raise ModelSetupError(f"encoders {bad} are not torch.nn.Module instances")
+        feature_dims = {}
+        for m, enc in encoders.items():
+            if dims is not None and m in dims:
+                feature_dims[m] = int(dims[m])
+            elif hasattr(enc, "out_dim"):
+                feature_dims[m] = int(enc.out_dim)
+            elif input_shapes is not None and m in input_shapes:
+                feature_dims[m] = infer_feature_dim(enc, input_shapes[m], m)
+            else:
+                raise ModelSetupError(f"cannot tell the feature size of encoder '{m}': pass dims={{'{m}': d}}, "
+                                      f"give the encoder an 'out_dim' attribute, or pass input_shapes "
+                                      f"(e.g. input_shapes=data.input_shapes) for a dry forward")
+            if feature_dims[m] < 1:
+                raise ModelSetupError(f"encoder '{m}': feature size must be >= 1, got {feature_dims[m]}")
+        fusion_mod = build_fusion(fusion, feature_dims, int(num_classes), fusion_hidden)
+        ogm_init(fusion_mod)
+        return cls(dict(encoders), fusion_mod, num_classes, heads=heads, feature_dims=feature_dims)
+
+    def add_heads(self) -> None:
+        """Attach one linear unimodal head per modality (idempotent)."""
+        if self.heads is not None:
+            return
+        from .resnet import ogm_init
+        device = next((p.device for p in self.parameters()), None)
+        self.heads = nn.ModuleDict({m: nn.Linear(d, self.num_classes) for m, d in self.feature_dims.items()})
+        ogm_init(self.heads)
+        if device is not None:
+            self.heads.to(device)
 
     # -------------------------------------------------------------------------------- pieces
     def encode(self, inputs: Mapping[str, Tensor], modalities: Optional[Iterable[str]] = None) -> Dict[str, Tensor]:
@@ -67,3 +131,25 @@ class MultimodalModel(nn.Module):
 
     def fusion_parameters(self) -> Iterator[nn.Parameter]:
         return self.fusion.parameters()
+
+
+@torch.no_grad()
+def infer_feature_dim(encoder: nn.Module, shape: Sequence[int], modality: str = "?") -> int:
+    """``d`` of an encoder by a dry forward on two zero samples of per-sample ``shape`` (eval mode,
+    the encoder's train/eval flag restored)."""
+    p = next(encoder.parameters(), None)
+    x = torch.zeros((2, *[int(s) for s in shape]), device=p.device if p is not None else "cpu")
+    was = encoder.training
+    encoder.eval()
+    try:
+        out = encoder(x)
+    except Exception as exc:
+        raise ModelSetupError(f"encoder '{modality}' failed on a dry forward with input [2, {', '.join(map(str, shape))}]: "
+                              f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        encoder.train(was)
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 2:
+        got = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ModelSetupError(f"encoder '{modality}' must return a [B, d] tensor; on input [2, "
+                              f"{', '.join(map(str, shape))}] it returned {got}")
+    return int(out.shape[1])

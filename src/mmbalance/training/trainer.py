@@ -6,7 +6,7 @@ import copy
 import json
 import math
 import os
-import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -18,22 +18,28 @@ import yaml
 from torch import nn
 
 from .. import distributed as D
-from ..config import Config, config_from_dict
-from ..data import build_dataset, collate
+from ..config import Config, config_from_dict, overrides_to_dict
+from ..data import collate
 from ..data.base import DataBundle
 from ..data.batch import Batch
 from ..errors import ConfigError, MMBalanceError
 from ..evaluation import evaluate
-from ..methods import build_method
 from ..methods.base import LossOutput, Method, TrainContext
-from ..models import build_model
-from .checkpoint import load_checkpoint, save_checkpoint
+from ..models.multimodal import MultimodalModel
+from .build import RunParts, build_run, seed_everything
+from .checkpoint import load_checkpoint, save_checkpoint, write_text
 
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
+#: config keys that may differ between a checkpoint and a resumed run (they change no trained value
+#: up to the checkpoint): extend ``epochs``, change patience, logging, threads and data plumbing
+RESUME_SAFE_KEYS = ("train.epochs", "train.early_stopping", "train.progress", "train.threads",
+                    "train.tensorboard", "train.eval_every", "data.num_workers", "data.eval_batch_size",
+                    "data.root", "data.cache")
+#: files and folders of a run in its output folder
+RUN_FILES = ("config.yaml", "metrics.jsonl", "result.json", "skipped.json", "checkpoints", "tensorboard")
+#: parameters below this count train on one CPU thread by default (see ``train.threads``)
+SMALL_MODEL_PARAMS = 2_000_000
+#: how many of the last evaluated epochs the end-of-run averages cover
+LAST_K = 5
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -98,57 +104,100 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class Trainer:
-    """Runs one configuration: ``Trainer(cfg, out_dir).fit()`` -> the result dict."""
+class _Engine(nn.Module):
+    """What DistributedDataParallel wraps: ``forward(fn, *args)`` runs ``fn(model, *args)``, so
+    any forward pass a method makes (``ctx.run``) gets DDP's bucketed gradient all-reduce."""
 
-    def __init__(self, cfg: Config, out_dir: Optional[str | Path] = None, *, quiet: bool = False,
-                 bundle: Optional[DataBundle] = None):
-        self.cfg = copy.deepcopy(cfg)
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+
+def flatten_tree(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten_tree(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(a: Dict[str, Any], b: Dict[str, Any], ignore: Sequence[str] = RESUME_SAFE_KEYS) -> List[str]:
+    """Dotted keys whose values differ between two config trees (``ignore``d keys left out)."""
+    fa, fb = flatten_tree(a), flatten_tree(b)
+    return sorted(k for k in set(fa) | set(fb) if k not in ignore and fa.get(k) != fb.get(k))
+
+
+class Trainer:
+    """Runs one configuration: ``Trainer(cfg, out_dir).fit()`` -> the result dict.
+
+    Your own parts: ``Trainer(cfg, out_dir, data=bundle, model=model)`` (see
+    :func:`mmbalance.training.build.build_run`); ``cfg`` supplies the method, optimiser, schedule
+    and loop settings. ``overwrite=True`` replaces a run already in ``out_dir`` (otherwise refused).
+    """
+
+    def __init__(self, cfg: Config, out_dir: Optional[str | Path] = None, *, model: Optional[MultimodalModel] = None,
+                 data: Optional[DataBundle] = None, quiet: bool = False, overwrite: bool = False,
+                 bundle: Optional[DataBundle] = None, parts: Optional[RunParts] = None):
         self.out = Path(out_dir) if out_dir else None
         self.quiet = quiet
+        self.overwrite = overwrite
         self.is_main = D.rank() == 0
-        t = self.cfg.train
-        if t.threads > 0:
-            torch.set_num_threads(t.threads)
+        t = cfg.train
         self.device = resolve_device(t.device)
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
+            # bit-identical results either way; filling every new tensor with NaN costs ~830
+            # fills per ResNet-18 step on CPU
+            torch.utils.deterministic.fill_uninitialized_memory = False
             if self.device.type == "cuda":
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
                 torch.backends.cudnn.benchmark = False
-        seed_everything(t.seed)
-        self.bundle = bundle if bundle is not None else build_dataset(self.cfg.data.name, self.cfg.data_options, self.cfg.data, t.seed)
+        if parts is None:
+            parts = build_run(cfg, data=data if data is not None else bundle, model=model)
+        self.cfg, self.bundle, self.method, self.model = parts.cfg, parts.data, parts.method, parts.model
         b = self.bundle
-        self.method: Method = build_method(self.cfg.method.name, self.cfg.method_options, b.modalities, b.num_classes)
-        self.method.configure_model(self.cfg.model)
-        unknown = [m for m in self.cfg.model.encoders if m not in b.modalities]
-        if unknown:
-            raise ConfigError(f"model.encoders names unknown modalities {unknown}; this dataset has {list(b.modalities)}")
-        seed_everything(t.seed)
-        self.model = build_model(b.modalities, b.input_shapes, b.num_classes, self.cfg.model, b.encoder_hints)
-        dims = dict(self.model.feature_dims)
-        fusion = self.method.build_fusion(dims, b.num_classes, self.cfg.model)
-        if fusion is not None:
-            self.model.fusion = fusion
-        extras = self.method.extra_modules(self.model)
-        if extras:
-            self.model.extras = nn.ModuleDict(extras)
+        self.threads = self._pick_threads()
         self.model.to(self.device)
         if self.cfg.model.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        self.engine = None
+        if D.is_distributed():
+            self.engine = nn.parallel.DistributedDataParallel(
+                _Engine(self.model), device_ids=None, find_unused_parameters=True)
         self._build_optimizer()
         self.ctx = TrainContext(
             model=self.model, optimizer=self.optimizer, num_epochs=t.epochs, device=self.device,
             reset_optimizer=self._reset_optimizer, train_eval_batches=self._train_eval_batches,
             train_size=len(b.train), train_labels=b.train.labels, autocast=self._autocast,
-            grad_clip=t.grad_clip, seed=t.seed, sync_grads=self._sync_grads)
+            grad_clip=self.cfg.train.grad_clip, seed=self.cfg.train.seed, engine=self.engine)
         self.start_epoch = 0
         self.best_val = -1.0
         self.best_epoch = -1
         self.bad_epochs = 0
         self.train_seconds = 0.0
         self.samples_seen = 0
+        self.history: List[Dict[str, Any]] = []
         self.writer = None
+
+    @property
+    def data(self) -> DataBundle:
+        return self.bundle
+
+    def _pick_threads(self) -> int:
+        """``train.threads`` > 0 is used as given. 0 (auto): one thread for a model under
+        SMALL_MODEL_PARAMS parameters on CPU -- a small MLP gains nothing from more and loses a lot
+        to contention on a busy machine (docs/benchmarks.md) -- else torch's default."""
+        n = self.cfg.train.threads
+        if n == 0 and self.device.type == "cpu":
+            size = sum(p.numel() for p in self.model.parameters())
+            n = 1 if size < SMALL_MODEL_PARAMS else 0
+        return n
 
     # ------------------------------------------------------------------------------- helpers
     def _build_optimizer(self) -> None:
@@ -173,18 +222,14 @@ class Trainer:
                             for m, x in batch.inputs.items()}
         return batch
 
-    def _sync_grads(self) -> None:
-        """Average gradients over processes (no-op in one process)."""
-        if not D.is_distributed():
-            return
-        ws = D.world_size()
-        for p in self.model.parameters():
-            if p.grad is not None:
-                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
-                p.grad /= ws
-
-    def _shard(self, indices: Sequence[int]) -> List[int]:
-        return list(indices)[D.rank()::D.world_size()]
+    def _shard(self, indices: Sequence[int], pad: bool = False) -> List[int]:
+        """This process's share of ``indices`` (every ``world_size``-th). ``pad``: wrap around so
+        every process gets the same number (training: DDP needs equal step counts; as in
+        torch's DistributedSampler, up to world_size - 1 samples are repeated)."""
+        idx, ws = list(indices), D.world_size()
+        if pad and ws > 1 and len(idx) % ws:
+            idx = idx + idx[: ws - len(idx) % ws]
+        return idx[D.rank()::ws]
 
     def _batches(self, dataset, indices, batch_size) -> Iterator[Batch]:
         loader = make_loader(dataset, indices, batch_size, self.cfg.data.num_workers, self.device.type == "cuda")
@@ -197,8 +242,10 @@ class Trainer:
 
     def _eval_split(self, split: str) -> Dict[str, Any]:
         ds = self.bundle.splits[split]
-        return evaluate(self.model, self.method, self._batches(ds, range(len(ds)), self.cfg.data.eval_batch_size),
-                        self.device, self._autocast)
+        batches = self._batches(ds, self._shard(range(len(ds))), self.cfg.data.eval_batch_size)
+        return evaluate(self.model, self.method, batches, self.device, self._autocast,
+                        gather=D.all_gather_cat if D.is_distributed() else None,
+                        class_names=self.bundle.class_names)
 
     def _progress(self, it, total, desc):
         mode = self.cfg.train.progress
@@ -218,7 +265,9 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "method": self.method.state_dict(),
                 "epoch": epoch, "best_val": self.best_val, "best_epoch": self.best_epoch,
                 "bad_epochs": self.bad_epochs, "train_seconds": self.train_seconds,
-                "samples_seen": self.samples_seen, "config": self.cfg.to_dict()}
+                "samples_seen": self.samples_seen, "global_step": self.ctx.global_step,
+                "config": self.cfg.to_dict(),
+                "data_transform": self.bundle.transform_state}
 
     def load_state(self, state: Dict[str, Any], *, weights_only: bool = False) -> None:
         self.model.load_state_dict(state["model"])
@@ -233,16 +282,58 @@ class Trainer:
         self.bad_epochs = int(state["bad_epochs"])
         self.train_seconds = float(state["train_seconds"])
         self.samples_seen = int(state["samples_seen"])
+        self.ctx.global_step = int(state.get("global_step", 0))
 
     def resume(self) -> None:
+        """Load ``last.pt``; refuses when its config differs from this run's (other than
+        :data:`RESUME_SAFE_KEYS`) or the data's fitted statistics changed."""
         if self.out is None:
             raise MMBalanceError("resume needs the run's output folder")
-        self.load_state(load_checkpoint(self.out / "checkpoints" / "last.pt"))
+        path = self.out / "checkpoints" / "last.pt"
+        if not path.is_file():
+            raise MMBalanceError(f"'{self.out}' has no checkpoint ({path}) to resume from; start it again "
+                                 f"with --overwrite")
+        state = load_checkpoint(path)
+        diff = config_differences(state["config"], self.cfg.to_dict())
+        if diff:
+            fa, fb = flatten_tree(state["config"]), flatten_tree(self.cfg.to_dict())
+            lines = "; ".join(f"{k}: checkpoint {fa.get(k)!r}, now {fb.get(k)!r}" for k in diff)
+            raise MMBalanceError(f"cannot resume '{self.out}': the checkpoint was trained with another config "
+                                 f"({lines}). Only {', '.join(RESUME_SAFE_KEYS)} may change on resume.")
+        if not _same_tensors(state.get("data_transform") or {}, self.bundle.transform_state or {}):
+            raise MMBalanceError(f"cannot resume '{self.out}': the data's fitted statistics (e.g. standardisation) "
+                                 f"differ from the checkpoint's; the data changed since the run started")
+        self.load_state(state)
         metrics = self.out / "metrics.jsonl"
         if metrics.exists():  # drop rows written after the checkpoint
-            rows = [l for l in metrics.read_text().splitlines() if l.strip()]
-            keep = [l for l in rows if json.loads(l)["epoch"] < self.start_epoch]
-            metrics.write_text("".join(l + "\n" for l in keep))
+            rows = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()]
+            self.history = [r for r in rows if r["epoch"] < self.start_epoch]
+            if self.is_main:
+                write_text(metrics, "".join(json.dumps(r) + "\n" for r in self.history))
+
+    def _prepare_out(self, resume: bool) -> None:
+        out = self.out
+        if out is None or not self.is_main:
+            return
+        if out.exists() and not out.is_dir():
+            raise MMBalanceError(f"output path '{out}' exists and is not a folder")
+        held = [f for f in RUN_FILES if (out / f).exists()]
+        if held and not resume:
+            if not self.overwrite:
+                raise MMBalanceError(f"'{out}' already holds a run ({', '.join(held)}); pass --overwrite "
+                                     f"(overwrite=True) to replace it, or --resume {out} to continue it")
+            for f in held:
+                p = out / f
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        try:
+            (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise MMBalanceError(f"cannot create the output folder '{out}': {exc.strerror or exc}") from None
+        if not os.access(out, os.W_OK):
+            raise MMBalanceError(f"output folder '{out}' is not writable")
+        if not resume:
+            write_text(out / "metrics.jsonl", "")
+        write_text(out / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
 
     # ------------------------------------------------------------------------------- loop
     def train_epoch(self, epoch: int) -> Dict[str, float]:
@@ -256,7 +347,7 @@ class Trainer:
         order = method.sampler(n, epoch, gen)
         if order is None:
             order = torch.randperm(n, generator=gen).tolist()
-        order = self._shard(order)
+        order = self._shard(order, pad=True)
         bs = cfg.data.batch_size
         ctx.num_batches = (len(order) + bs - 1) // bs
         model.train()
@@ -268,8 +359,9 @@ class Trainer:
             ctx.batch_idx = i
             res: LossOutput = method.training_step(model, batch, ctx)
             if not torch.isfinite(res.loss.detach()):
-                raise MMBalanceError(f"loss became {float(res.loss)} at epoch {epoch}, batch {i} "
-                                     f"(method {method.name}); lower optim.lr or check the inputs")
+                raise MMBalanceError(f"loss became {float(res.loss.detach())} at epoch {epoch}, batch {i} "
+                                     f"(method {method.name}); lower optim.lr or check the inputs "
+                                     f"(raw features: data.standardize=auto)")
             ctx.global_step += 1
             b = len(batch)
             loss_sum += float(res.loss.detach()) * b
@@ -280,9 +372,15 @@ class Trainer:
                     correct += int((res.output.logits.detach().argmax(1) == labels).sum())
             for k, v in res.logs.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * b
+        # every process reports the same (global) numbers
+        keys = sorted(sums)
+        tot = D.all_reduce_sum(torch.tensor([loss_sum, float(seen), float(correct)] + [sums[k] for k in keys],
+                                            dtype=torch.float64)).tolist()
+        loss_sum, seen, correct = tot[0], int(tot[1]), tot[2]
         self.samples_seen += seen
-        logs = {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
-        logs.update({k: v / max(seen, 1) for k, v in sums.items()})
+        logs = {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+                "train_samples": seen}
+        logs.update({k: v / max(seen, 1) for k, v in zip(keys, tot[3:])})
         extra = method.on_epoch_end(model, ctx)
         if extra:
             logs.update({k: float(v) for k, v in extra.items()})
@@ -291,12 +389,7 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> Dict[str, Any]:
         cfg = self.cfg
-        if self.out is not None and self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "checkpoints").mkdir(exist_ok=True)
-            if not resume:
-                (self.out / "metrics.jsonl").write_text("")
-            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self._prepare_out(resume)
         if resume:
             self.resume()
         if cfg.train.tensorboard and self.out is not None and self.is_main:
@@ -305,7 +398,20 @@ class Trainer:
             except ImportError:
                 raise ConfigError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
             self.writer = SummaryWriter(str(self.out / "tensorboard"))
-        self._log(self.bundle.summary() + f" | method {self.method.name}")
+        threads_before = torch.get_num_threads()
+        if self.threads > 0:
+            torch.set_num_threads(self.threads)
+        try:
+            self._log(self.bundle.summary() + f" | method {self.method.name}")
+            self._loop()
+            return self.finish()
+        finally:
+            torch.set_num_threads(threads_before)
+            if self.writer is not None:
+                self.writer.close()
+
+    def _loop(self) -> None:
+        cfg = self.cfg
         for epoch in range(self.start_epoch, cfg.train.epochs):
             t0 = time.perf_counter()
             logs = self.train_epoch(epoch)
@@ -323,11 +429,15 @@ class Trainer:
                     self.best_val, self.best_epoch, self.bad_epochs = val["accuracy"], epoch, 0
                 else:
                     self.bad_epochs += 1
+            self.history.append(row)
             self._log(f"epoch {epoch:3d} | loss {row['train_loss']:.4f} | train acc {row['train_accuracy']:.4f}"
                       + (f" | val acc {row['val_accuracy']:.4f}" if "val_accuracy" in row else ""))
             if self.is_main and self.out is not None:
-                with open(self.out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                try:
+                    with open(self.out / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                except OSError as exc:
+                    raise MMBalanceError(f"cannot write '{self.out / 'metrics.jsonl'}': {exc.strerror or exc}") from None
                 state = self._state(epoch)
                 if improved:
                     save_checkpoint(self.out / "checkpoints" / "best.pt", state)
@@ -341,7 +451,6 @@ class Trainer:
             if cfg.train.early_stopping > 0 and self.bad_epochs >= cfg.train.early_stopping:
                 self._log(f"early stopping at epoch {epoch} (no val improvement for {self.bad_epochs} epochs)")
                 break
-        return self.finish()
 
     def finish(self) -> Dict[str, Any]:
         # test (and val) on the best checkpoint
@@ -357,30 +466,107 @@ class Trainer:
             "epochs": self.cfg.train.epochs, "best_epoch": self.best_epoch,
             "train_seconds": round(self.train_seconds, 3),
             "train_samples_per_second": round(self.samples_seen / self.train_seconds, 2) if self.train_seconds > 0 else None,
+            "samples_seen": self.samples_seen,
             "modalities": list(self.bundle.modalities),
+            "class_names": self.bundle.class_names,
             "test": _strip(test), "val": _strip(val),
             "skipped_samples": len(self.bundle.skipped),
         }
+        warmup = getattr(self.method.options, "warmup_epochs", None)
+        if isinstance(warmup, int) and not isinstance(warmup, bool):
+            result["warmup_epochs"] = warmup
+            result["best_epoch_in_warmup"] = bool(0 <= self.best_epoch < warmup)
+        result.update(self._late_zero_out(test))
         if self.out is not None and self.is_main:
-            (self.out / "result.json").write_text(json.dumps(result, indent=2))
+            write_text(self.out / "result.json", json.dumps(result, indent=2))
             if self.bundle.skipped:
-                (self.out / "skipped.json").write_text(json.dumps(self.bundle.skipped, indent=2))
-        if self.writer is not None:
-            self.writer.close()
-        self._log(f"test accuracy {test['accuracy']:.4f} (best epoch {self.best_epoch})")
+                write_text(self.out / "skipped.json", json.dumps(self.bundle.skipped, indent=2))
+        self._log(self._report(result))
         return result
+
+    def _late_zero_out(self, test: Dict[str, Any]) -> Dict[str, Any]:
+        """The weak modality (lowest test zero-out accuracy at the best checkpoint) and every
+        modality's val zero-out accuracy averaged over the last ``LAST_K`` evaluated epochs --
+        a best checkpoint can sit on one lucky epoch."""
+        zo = {m: d["zero_out_accuracy"] for m, d in test["modalities"].items() if "zero_out_accuracy" in d}
+        if not zo:
+            return {}
+        rows = [r for r in self.history if "val_accuracy" in r][-LAST_K:]
+        late = {m: round(float(np.mean([r[f"val_{m}_zero_out_accuracy"] for r in rows])), 6)
+                for m in zo if rows and all(f"val_{m}_zero_out_accuracy" in r for r in rows)}
+        weak = min(zo, key=zo.get)
+        return {"weak_modality": weak, "val_zero_out_last_k": {"k": len(rows), **late}}
+
+    def _report(self, result: Dict[str, Any]) -> str:
+        t = result["test"]
+        lines = [f"test accuracy {t['accuracy']:.4f} (macro-F1 {t['macro_f1']:.4f}, best epoch {self.best_epoch})"]
+        for m, d in t["modalities"].items():
+            parts = [f"{k.replace('_accuracy', '').replace('_', '-')} {v:.4f}" for k, v in d.items()]
+            lines.append(f"  {m}: " + (", ".join(parts) if parts else "-"))
+        if self.out is not None:
+            lines.append(f"run folder: {self.out}")
+        return "\n".join(lines)
+
+
+def _same_tensors(a: Any, b: Any) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_tensors(a[k], b[k]) for k in a)
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and bool(torch.equal(a.cpu(), b.cpu()))
+    return a == b
 
 
 def _strip(metrics: Dict[str, Any]) -> Dict[str, Any]:
-    return {k: metrics[k] for k in ("accuracy", "macro_f1", "loss", "modalities")}
+    return {k: metrics[k] for k in ("accuracy", "macro_f1", "loss", "modalities", "per_class_accuracy")
+            if k in metrics}
 
 
-def run_from_dir(out_dir: str | Path, quiet: bool = False) -> Dict[str, Any]:
-    """Continue a stopped run from its folder (``mmbalance train --resume DIR``)."""
+def run_from_dir(out_dir: str | Path, quiet: bool = False, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """Continue a stopped run from its folder (``mmbalance train --resume DIR [key=value ...]``).
+
+    Overrides of :data:`RESUME_SAFE_KEYS` (e.g. ``epochs=30`` to extend a run) are applied and
+    saved to ``config.yaml``; any other override is refused, naming it.
+    """
     out = Path(out_dir)
     cfg_path = out / "config.yaml"
     if not cfg_path.is_file():
         raise MMBalanceError(f"'{out}' is not a run folder (no config.yaml)")
-    cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()))
+    tree = yaml.safe_load(cfg_path.read_text())
+    data_name = str(tree.get("data", {}).get("name", ""))
+    custom_model = tree.get("model", {}).get("custom")
+    if data_name.startswith("custom") or custom_model:
+        what = " and ".join(x for x in (f"its data ({data_name})" if data_name.startswith("custom") else "",
+                                        f"its model ({custom_model})" if custom_model else "") if x)
+        raise MMBalanceError(f"'{out}' was trained from Python with {what}; the command line cannot rebuild them. "
+                             f"Resume it from Python with the same parts: Trainer(cfg, '{out}', data=..., model=...)"
+                             f".fit(resume=True), cfg = mmbalance.training.trainer.load_run_config('{out}')")
+    if overrides:
+        flat = flatten_tree(overrides_to_dict(list(overrides)))
+        bad = [k for k in flat if k not in RESUME_SAFE_KEYS]
+        if bad:
+            raise MMBalanceError(f"--resume cannot change {', '.join(bad)} (the checkpoint was trained with the "
+                                 f"saved values); only {', '.join(RESUME_SAFE_KEYS)} may change. Start a new run "
+                                 f"with --out to change anything else")
+        tree = _set_dotted(tree, {k: v.parsed() if hasattr(v, "parsed") else v for k, v in flat.items()})
+    cfg = config_from_dict(tree)
     trainer = Trainer(cfg, out, quiet=quiet)
     return trainer.fit(resume=True)
+
+
+def load_run_config(out_dir: str | Path) -> Config:
+    """The saved config of a run folder (e.g. to resume a Python-made run with its own parts)."""
+    path = Path(out_dir) / "config.yaml"
+    if not path.is_file():
+        raise MMBalanceError(f"'{out_dir}' is not a run folder (no config.yaml)")
+    return config_from_dict(yaml.safe_load(path.read_text()))
+
+
+def _set_dotted(tree: Dict[str, Any], flat: Dict[str, Any]) -> Dict[str, Any]:
+    tree = copy.deepcopy(tree)
+    for k, v in flat.items():
+        node = tree
+        *path, last = k.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = v
+    return tree

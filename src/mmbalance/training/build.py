@@ -1,0 +1,138 @@
+"""Assembly: a config (and optionally your own data and model) -> the parts a run trains.
+
+The command line calls :func:`build_run` with a config; from Python you may hand in your own
+:class:`~mmbalance.data.base.DataBundle` (see :mod:`mmbalance.data.adapters`) and your own
+:class:`~mmbalance.models.multimodal.MultimodalModel` (see ``MultimodalModel.from_encoders``).
+The trainer only takes parts; it never reads a dataset or model name itself.
+
+A method gets its say over the model here, whoever built it (:func:`attach_method`): unimodal
+heads are added when the method switches them on, its own fusion replaces the model's, and its
+extra modules are attached as ``model.extras``.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..config import Config, resolve_config
+from ..data import build_dataset
+from ..data.base import DataBundle
+from ..errors import ConfigError
+from ..methods import build_method
+from ..methods.base import Method
+from ..models import build_model
+from ..models.multimodal import MultimodalModel
+
+#: ``data.name`` prefix of runs whose data was handed in from Python
+CUSTOM_DATA = "custom"
+
+
+@dataclass
+class RunParts:
+    """Everything one run trains: the resolved config, the data, the method and the model."""
+
+    cfg: Config
+    data: DataBundle
+    method: Method
+    model: MultimodalModel
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def describe_model(model: MultimodalModel) -> str:
+    encs = ", ".join(f"{m}={type(e).__name__}" for m, e in model.encoders.items())
+    return f"{type(model).__name__}(encoders: {encs}; fusion: {type(model.fusion).__name__})"
+
+
+def attach_method(method: Method, model: MultimodalModel, model_cfg: Any) -> MultimodalModel:
+    """Let ``method`` adapt ``model``: heads if it needs them, its own fusion, its extra modules.
+    ``method.configure_model(model_cfg)`` must have run before (it may switch the heads on)."""
+    if not isinstance(model, MultimodalModel):
+        raise ConfigError(f"the model must be a mmbalance MultimodalModel (build one from your encoders with "
+                          f"MultimodalModel.from_encoders), got {type(model).__name__}")
+    if set(model.modalities) != set(method.modalities):
+        raise ConfigError(f"the model's modalities {list(model.modalities)} differ from the data's "
+                          f"{list(method.modalities)}")
+    if model.num_classes != method.num_classes:
+        raise ConfigError(f"the model predicts {model.num_classes} classes but the data has {method.num_classes}")
+    if getattr(model_cfg, "unimodal_heads", False):
+        model.add_heads()
+    fusion = method.build_fusion(dict(model.feature_dims), model.num_classes, model_cfg)
+    if fusion is not None:
+        model.fusion = fusion
+    extras = method.extra_modules(model)
+    if extras:
+        model.extras = nn.ModuleDict(extras)
+    return model
+
+
+def prepare_model(method: Method, model: MultimodalModel, model_cfg: Any = None) -> MultimodalModel:
+    """For your own loop: ``method.configure_model`` + :func:`attach_method` on your model."""
+    from ..config import ModelConfig
+    model_cfg = copy.deepcopy(model_cfg) if model_cfg is not None else ModelConfig()
+    method.configure_model(model_cfg)
+    return attach_method(method, model, model_cfg)
+
+
+def make_config(method: str = "joint", overrides: Sequence[str] = (), config_file: Optional[str] = None,
+                dataset: str = CUSTOM_DATA) -> Config:
+    """A config for a method on your own data: defaults, the method's generic presets, then
+    ``config_file`` and dotted ``overrides`` (``["epochs=5", "method.alpha=0.5"]``)."""
+    return resolve_config(dataset, method, config_file, overrides)
+
+
+def make_method(name: str, modalities: Sequence[str], num_classes: int, dataset: Optional[str] = None,
+                **options: Any) -> Method:
+    """A registered method with validated options (the method's presets for ``dataset``, or its
+    generic ones, then ``options``)."""
+    cfg = resolve_config(dataset or CUSTOM_DATA, name, tree={"method": options})
+    return build_method(name, cfg.method_options, modalities, num_classes)
+
+
+def build_run(cfg: Config, *, data: Optional[DataBundle] = None,
+              model: Optional[MultimodalModel] = None) -> RunParts:
+    """Turn a config into parts. ``data`` / ``model`` replace what the config would build; the
+    returned config records that they came from Python (``data.name: custom:<name>``,
+    ``model.custom: <description>``) so the run folder never claims another dataset or model."""
+    from ..data.checks import check_bundle
+    cfg = copy.deepcopy(cfg)
+    t = cfg.train
+    if data is None:
+        if cfg.data.name.startswith(CUSTOM_DATA):
+            raise ConfigError(f"data.name is '{cfg.data.name}': this run's data was handed in from Python and "
+                              f"cannot be rebuilt from the config; pass it again: Trainer(cfg, out, data=..., model=...)")
+        seed_everything(t.seed)
+        data = build_dataset(cfg.data.name, cfg.data_options, cfg.data, t.seed)
+    else:
+        if not isinstance(data, DataBundle):
+            raise ConfigError(f"data must be a DataBundle (see mmbalance.data.from_datasets / from_arrays), "
+                              f"got {type(data).__name__}")
+        cfg.data.name = CUSTOM_DATA if data.name == CUSTOM_DATA else f"{CUSTOM_DATA}:{data.name}"
+        cfg.data_options = None
+    check_bundle(data)
+    method = build_method(cfg.method.name, cfg.method_options, data.modalities, data.num_classes)
+    method.configure_model(cfg.model)
+    unknown = [m for m in cfg.model.encoders if m not in data.modalities]
+    if unknown:
+        raise ConfigError(f"model.encoders names unknown modalities {unknown}; this dataset has {list(data.modalities)}")
+    seed_everything(t.seed)
+    if model is None:
+        if cfg.model.custom:
+            raise ConfigError(f"model.custom is '{cfg.model.custom}': this run's model was built in Python; "
+                              f"pass it again: Trainer(cfg, out, model=...)")
+        model = build_model(data.modalities, data.input_shapes, data.num_classes, cfg.model, data.encoder_hints)
+    else:
+        cfg.model.custom = describe_model(model)
+    attach_method(method, model, cfg.model)
+    return RunParts(cfg, data, method, model)
