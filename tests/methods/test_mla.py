@@ -101,8 +101,9 @@ def _changed(before, module):
     return any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
 
 
-def test_alternating_steps_update_each_encoder_only_in_its_own_substep():
-    tr = _trainer(mods=3)  # SGD with momentum and weight decay (the config default)
+@pytest.mark.parametrize("project", [False, True])
+def test_alternating_steps_update_each_encoder_only_in_its_own_substep(project):
+    tr = _trainer(mods=3, overrides=[f"method.project={str(project).lower()}"])  # SGD, momentum, wd
     model, method, ctx = tr.model, tr.method, tr.ctx
     mods = model.modalities
     records = []
@@ -122,6 +123,7 @@ def test_alternating_steps_update_each_encoder_only_in_its_own_substep():
         ctx.batch_idx = i
         res = method.training_step(model, batch_of(tr.bundle, n=16), ctx)
         assert torch.isfinite(res.loss)
+        assert all(p.grad is None for p in model.parameters())  # the code's ``del p.grad``
     assert len(records) == 2 * len(mods)
     for s, (enc_changed, head_changed) in enumerate(records):
         own = mods[s % len(mods)]
@@ -129,14 +131,102 @@ def test_alternating_steps_update_each_encoder_only_in_its_own_substep():
         assert head_changed
     assert method.num_updates == 6
     P = method.projector
+    if not project:
+        assert P is None  # the released code never builds or updates the projector
+        return
     assert P.shape == (8, 8) and not torch.allclose(P, torch.eye(8) / math.sqrt(8))
     assert float(torch.linalg.matrix_norm(P)) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_default_is_no_projection():
+    from mmbalance.config import resolve_config
+    cfg = resolve_config("synthetic", "mla")
+    assert cfg.method_options.project is False
+    assert cfg.method_options.zero_grad == "none"
+    assert build_method("mla", None, ["a", "b"], 3).options.project is False
+
+
+def test_project_false_applies_the_raw_head_gradient():
+    """After sub-steps 1 and 2 (so the projection branch would be live), sub-step 1 of the next
+    batch applies the plain gradient: w <- w - lr * g (SGD without momentum / decay). Any
+    projection (P != I after an update) would change the update."""
+    tr = _trainer(2, ["optim.momentum=0", "optim.weight_decay=0"])
+    model, method, ctx = tr.model, tr.method, tr.ctx
+    ctx.num_batches, ctx.batch_idx = 4, 1
+    batch = batch_of(tr.bundle, n=16)
+    head = model.fusion.fc
+    method.training_step(model, batch, ctx)
+    assert method.num_updates == 2
+    w0, b0 = head.weight.detach().clone(), head.bias.detach().clone()
+    z = model.encoders["m1"](batch.inputs["m1"])
+    loss = torch.nn.functional.cross_entropy(head(z), batch.labels)
+    gw, gb = torch.autograd.grad(loss, [head.weight, head.bias])
+    lr = ctx.optimizer.param_groups[0]["lr"]
+    # the update a projection with P updated from this batch's r would give (must differ)
+    P = owm_update(torch.eye(8), z.detach().mean(0), projector_alpha(1, 4))
+    assert not torch.allclose(gw @ P.t(), gw, atol=1e-4)
+    method.unimodal_step(model, batch, "m1", ctx)
+    assert torch.allclose(head.weight, w0 - lr * gw, atol=1e-6)
+    assert torch.allclose(head.bias, b0 - lr * gb, atol=1e-6)
+    assert method.projector is None
+
+
+def test_projection_hand_value_uses_the_global_batch_mean(monkeypatch):
+    """project=true, P = I, r = [1, 2] (the mean over the rows of *all* processes), batch 0 of 1
+    (alpha = 0.1): k = [1, 2]^T, r k = 5, P' = I - [[1, 2], [2, 4]] / 5.1 = [[4.1, -2], [-2, 1.1]] / 5.1,
+    normalised: [[4.1, -2], [-2, 1.1]] / sqrt(26.02); grad [[1, 1]] -> [[2.1, -0.9]] / sqrt(26.02).
+    This process holds the row [2, 1]; a simulated second process holds [0, 3] and [1, 2]."""
+    import types
+    import mmbalance.distributed as dist_mod
+    remote = torch.tensor([0.0 + 1.0, 3.0 + 2.0, 2.0])  # the other process's [row sum, row count]
+    calls = []
+
+    def fake_all_reduce_sum(x):
+        calls.append(x.clone())
+        return x.detach().clone() + remote
+
+    monkeypatch.setattr(dist_mod, "all_reduce_sum", fake_all_reduce_sum)
+    method = build_method("mla", build_method("mla", None, ["a", "b"], 1).Options(project=True), ["a", "b"], 1)
+    method.num_updates = 1
+    head = torch.nn.Linear(2, 1)
+    head.weight.grad = torch.tensor([[1.0, 1.0]])
+    ctx = types.SimpleNamespace(batch_idx=0, num_batches=1)
+    method._project(head, torch.tensor([[2.0, 1.0]]), ctx)
+    assert len(calls) == 1 and torch.equal(calls[0], torch.tensor([2.0, 1.0, 1.0]))  # local sum, count
+    n = math.sqrt(26.02)
+    assert torch.allclose(method.projector, torch.tensor([[4.1, -2.0], [-2.0, 1.1]]) / n, atol=1e-6)
+    assert torch.allclose(head.weight.grad, torch.tensor([[2.1, -0.9]]) / n, atol=1e-6)
+
+
+def test_zero_grad_zeros_gives_the_first_modality_a_decay_step():
+    """zero_grad=zeros (released code under torch 1.8): in sub-step 2 encoder m1 holds zero
+    gradients, so SGD (momentum 0, wd 0.01) still decays it: p <- p (1 - lr wd). Default: untouched."""
+    for mode, expect_decay in (("zeros", True), ("none", False)):
+        tr = _trainer(2, ["optim.momentum=0", "optim.weight_decay=0.01", f"method.zero_grad={mode}"])
+        model, method, ctx = tr.model, tr.method, tr.ctx
+        ctx.num_batches, ctx.batch_idx = 1, 0
+        lr = ctx.optimizer.param_groups[0]["lr"]
+        snaps = []
+        opt_step = ctx.optimizer.step
+
+        def step(*a, **k):
+            before = _snapshot(model.encoders["m1"])
+            out = opt_step(*a, **k)
+            snaps.append((before, _snapshot(model.encoders["m1"])))
+            return out
+
+        ctx.optimizer.step = step
+        method.training_step(model, batch_of(tr.bundle, n=16), ctx)
+        before, after = snaps[1]  # sub-step 2 (modality m2)
+        for b, a in zip(before, after):
+            assert torch.allclose(a, b * (1 - lr * 0.01) if expect_decay else b, atol=1e-7), mode
+        assert all(p.grad is None for p in model.parameters())
 
 
 def test_shared_head_gradient_is_projected():
     """Sub-step 2 (the first projected one): the applied head-weight gradient equals the raw one
     times P^T, P updated with the batch mean of modality 2's features."""
-    tr = _trainer(2, ["optim.momentum=0", "optim.weight_decay=0"])
+    tr = _trainer(2, ["optim.momentum=0", "optim.weight_decay=0", "method.project=true"])
     model, method, ctx = tr.model, tr.method, tr.ctx
     ctx.num_batches, ctx.batch_idx = 4, 1
     batch = batch_of(tr.bundle, n=16)
@@ -157,9 +247,9 @@ def test_shared_head_gradient_is_projected():
 
 
 # ------------------------------------------------------------------------------------ training
-@pytest.mark.parametrize("mods", [2, 3])
-def test_two_steps_finite_and_state_round_trip(mods, tmp_path):
-    tr = _trainer(mods=mods, out=tmp_path)
+@pytest.mark.parametrize("mods,project", [(2, False), (3, True)])
+def test_two_steps_finite_and_state_round_trip(mods, project, tmp_path):
+    tr = _trainer(mods=mods, out=tmp_path, overrides=[f"method.project={str(project).lower()}"])
     res = tr.fit()
     assert math.isfinite(res["test"]["loss"])
     assert set(res["test"]["modalities"]) == set(tr.model.modalities)
@@ -168,7 +258,11 @@ def test_two_steps_finite_and_state_round_trip(mods, tmp_path):
     assert state["num_updates"] == 2 * mods
     fresh = build_method("mla", None, tr.model.modalities, 3)
     fresh.load_state_dict(state)
-    assert torch.equal(fresh.projector, tr.method.projector) and fresh.num_updates == 2 * mods
+    assert fresh.num_updates == 2 * mods
+    if project:
+        assert torch.equal(fresh.projector, tr.method.projector)
+    else:
+        assert state["projector"] is None and fresh.projector is None
     with pytest.raises(KeyError):
         fresh.load_state_dict({})
 
@@ -195,3 +289,5 @@ def test_setup_errors():
     from mmbalance.errors import ConfigError
     with pytest.raises(ConfigError, match="fusion"):
         tiny_config("mla", ["method.fusion=average"])
+    with pytest.raises(ConfigError, match="zero_grad"):
+        tiny_config("mla", ["method.zero_grad=never"])

@@ -1,4 +1,13 @@
-"""OGM-GE's modulation coefficients (Peng et al., CVPR 2022), as pure functions."""
+"""OGM-GE's modulation coefficients and GE noise (Peng et al., CVPR 2022), as pure functions.
+
+* :func:`discrepancy_ratios` / :func:`ogm_coefficients_from_scores` / :func:`ogm_coefficients` --
+  host (float) forms, the reference for the tensor form.
+* :func:`ogm_coefficient_tensor` -- the same coefficients as a ``[M]`` tensor on the scores'
+  device (no host synchronisation; what the method uses).
+* :func:`ge_seed` / :func:`ge_generator` -- the per-step generator of the GE noise.
+* :func:`modulate_gradient` -- ``grad * k`` (+ ``N(0, std(grad) + 1e-8)`` noise for GE), with the
+  std kept as a tensor and the noise drawn on the gradient's device.
+"""
 from __future__ import annotations
 
 import math
@@ -34,10 +43,42 @@ def ogm_coefficients(modality_logits: Mapping[str, Tensor], labels: Tensor, alph
         return ogm_coefficients_from_scores(modality_scores(modality_logits, labels), alpha)
 
 
-def modulate_gradient(grad: Tensor, coeff: float, noise: bool, generator: torch.Generator | None = None) -> Tensor:
-    """OGM: ``grad * k``; OGM-GE: ``grad * k + N(0, std(grad) + 1e-8)`` (std of the unscaled grad)."""
+def ogm_coefficient_tensor(scores: Tensor, alpha: float) -> Tensor:
+    """:func:`ogm_coefficients_from_scores` on a ``[M]`` tensor of scores, staying on its device:
+    ``rho_m = s_m / mean_{j != m} s_j`` (``inf`` where that mean is 0), ``k_m = 1 - tanh(alpha
+    rho_m)`` where ``rho_m > 1``, else 1. Computed in float32."""
+    s = scores.detach().float()
+    n = s.numel()
+    if n < 2:
+        raise ValueError(f"OGM needs at least two modality scores, got {n}")
+    others = (s.sum() - s) / (n - 1)
+    rho = torch.where(others > 0, s / others, torch.full_like(s, math.inf))
+    return torch.where(rho > 1.0, 1.0 - torch.tanh(alpha * rho), torch.ones_like(s))
+
+
+def ge_seed(seed: int, step: int) -> int:
+    """The GE noise seed of training step ``step`` of a run seeded ``seed`` (same on every
+    process): ``(seed * 1_000_003 + step * 7919 + 101) mod 2**62``."""
+    return (int(seed) * 1_000_003 + int(step) * 7919 + 101) % (2 ** 62)
+
+
+def ge_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` seeded with :func:`ge_seed` (the streams of CPU and CUDA
+    generators differ; each is reproducible)."""
+    return torch.Generator(device=torch.device(device)).manual_seed(ge_seed(seed, step))
+
+
+def modulate_gradient(grad: Tensor, coeff: float | Tensor, noise: bool, generator: torch.Generator | None = None) -> Tensor:
+    """OGM: ``grad * k``; OGM-GE: ``grad * k + N(0, std(grad) + 1e-8)`` (std of the unscaled grad,
+    as the authors' ``parms.grad = parms.grad * k + zeros_like(grad).normal_(0, grad.std() + 1e-8)``).
+
+    ``coeff`` may be a 0-d tensor; the std stays a tensor and the noise is drawn on
+    ``grad.device`` in ``grad.dtype`` from ``generator`` (which must live on that device), so
+    nothing is copied to or read back from the host. A one-element gradient has std 0 here (the
+    sample std is undefined), i.e. noise std 1e-8."""
     out = grad * coeff
     if noise:
-        std = float(grad.std()) + 1e-8 if grad.numel() > 1 else 1e-8
-        out = out + torch.randn(grad.shape, generator=generator, dtype=grad.dtype).to(grad.device) * std
+        std = grad.std() if grad.numel() > 1 else grad.new_zeros(())
+        z = torch.randn(grad.shape, generator=generator, device=grad.device, dtype=grad.dtype)
+        out = out + z * (std + 1e-8)
     return out

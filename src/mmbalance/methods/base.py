@@ -61,7 +61,6 @@ class TrainContext:
                  train_eval_batches: Optional[Callable[[], Iterable[Batch]]] = None,
                  train_size: int = 0, train_labels: Optional[Sequence[int]] = None,
                  autocast: Optional[Callable[[], Any]] = None, grad_clip: float = 0.0, seed: int = 0,
-                 sync_grads: Optional[Callable[[], None]] = None,
                  engine: Optional[Callable[..., Any]] = None):
         self.model = model
         self.optimizer = optimizer
@@ -78,7 +77,6 @@ class TrainContext:
         self._reset_optimizer = reset_optimizer
         self._train_eval_batches = train_eval_batches
         self._autocast = autocast
-        self._sync_grads = sync_grads
         self._engine = engine
 
     @property
@@ -120,11 +118,6 @@ class TrainContext:
         if self._engine is None:
             return fn(self.model, *args, **kwargs)
         return self._engine(fn, *args, **kwargs)
-
-    def sync_grads(self) -> None:
-        """Average gradients over processes (a no-op in one process). Call after backward."""
-        if self._sync_grads is not None:
-            self._sync_grads()
 
     def clip_grad(self, parameters: Optional[Iterable[nn.Parameter]] = None) -> None:
         if self.grad_clip > 0:
@@ -197,8 +190,7 @@ class Method:
         with ctx.autocast():
             result = ctx.run(lambda m, b: self.compute_loss(m, b, ctx), batch)
         ctx.optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
-        ctx.sync_grads()
+        result.loss.backward()  # under torchrun: gradients averaged across processes here (DDP)
         self.after_backward(model, batch, result, ctx)
         ctx.clip_grad()
         ctx.optimizer.step()

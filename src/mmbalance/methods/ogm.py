@@ -1,7 +1,8 @@
 """OGM-GE: On-the-fly Gradient Modulation with Generalization Enhancement.
 
 Paper: Peng, Wei, Deng, Wang, Hu, "Balanced Multimodal Learning via On-the-fly Gradient
-Modulation", CVPR 2022. Code followed: GeWu-Lab/OGM-GE_CVPR2022 (``main.py``), spec §4.
+Modulation", CVPR 2022. Code followed: GeWu-Lab/OGM-GE_CVPR2022 (``main.py``, README), spec
+``seed-methods.md`` §4 and ``baselines.md`` §4.1.
 
 Per batch, after ``loss.backward()`` on the fused cross-entropy:
 ``score_m = sum_i softmax(l^m_i)[y_i]`` with the fusion's per-modality logits (W-split with b/M
@@ -9,9 +10,24 @@ for concat fusion), ``rho_m = score_m / score_other``; the modality with ``rho >
 ``k = 1 - tanh(alpha * rho)``, the other 1. For epochs ``start_epoch <= epoch <= end_epoch``
 (inclusive, as the code) the gradients of that encoder's modulated parameters are multiplied by
 k; OGM-GE (``ogm_ge``) then adds ``N(0, std(grad) + 1e-8)`` noise to the modulated parameters of
-*every* encoder (the code does this for both branches, with k = 1 for the weaker one).
+*every* encoder (the code does this for both branches, with k = 1 for the weaker one; the std is
+that of the unscaled gradient, as the code's ``grad = grad * k + normal_(0, grad.std() + 1e-8)``).
 
-Deviations, each a switch:
+Presets of ``alpha`` per dataset (``presets``; ``method.alpha=...`` overrides; both ``ogm`` and
+``ogm_ge``, the coefficient being the same):
+
+=================  =====  =====================================================================
+dataset            alpha  source
+=================  =====  =====================================================================
+cremad             0.8    authors' README ("we recommend alpha=0.8 for CREMA-D")
+vggsound           0.1    authors' README and the code's default setting
+kinetics_sounds    0.8    the same authors' TPAMI code, ``code/scripts/train_ogm.sh`` (KS)
+ave                0.6    MCR ``run.sh`` (ResNet-18, OGM on AVE)
+ucf101             0.8    MCR ``run.sh`` (ResNet-18, OGM on UCF)
+(others)           0.1    the code's default
+=================  =====  =====================================================================
+
+Deviations and decisions, each a switch or named here:
 * Which parameters are modulated: the code modulates 4-D (convolution) weights only.
   ``params="auto"`` (default) does exactly that when the encoder has 4-D parameters and
   otherwise modulates every weight with >= 2 dimensions (MLP / transformer encoders have no
@@ -19,15 +35,31 @@ Deviations, each a switch:
   code's rule everywhere; ``params="all"`` modulates every encoder parameter.
 * M > 2 (not in the paper): ``rho_m = score_m / mean_{j != m} score_j``; identical for M = 2.
 * The code's default modulation window is epochs 0..50; ours too.
+* Processes: the scores are a batch statistic that changes the gradients, so under torchrun the
+  per-modality score sums are summed over processes (one ``all_reduce_sum`` of the ``[M]`` vector)
+  before rho and k: every replica uses the coefficients of the global batch (the code, on one
+  process with DataParallel, also scores the whole batch). The gradients being modulated are the
+  DDP-averaged ones.
+* GE noise: drawn on each parameter's device, in the gradient's dtype, from one generator per
+  training step seeded with ``ge_seed(ctx.seed, ctx.global_step)`` (``functional/ogm.py``),
+  consumed in a fixed order (modalities in dataset order, then the encoder's parameter order).
+  It is therefore identical on every process (replicas stay identical) and reproducible for a
+  given (seed, step). The code draws from the global RNG (``zeros_like(grad).normal_``), so its
+  noise depends on everything else that consumed that RNG; the distribution is the same.
+* No host synchronisation in the hook: the std of each gradient and the coefficients stay device
+  tensors (the code's ``grad.std().item()`` reads every std back to the host); the logged
+  ``coeff_<m>`` values are 0-d tensors, read by the trainer with the loss.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import Dict, List
 
 import torch
 
-from ..functional.ogm import modulate_gradient, ogm_coefficients
+from .. import distributed as D
+from ..functional.ogm import ge_generator, modulate_gradient, ogm_coefficient_tensor
+from ..functional.scores import modality_scores
 from .base import Method, register_method
 
 
@@ -54,21 +86,47 @@ def modulated_parameters(encoder: torch.nn.Module, rule: str) -> List[torch.nn.P
     return [p for p in params if p.dim() >= 2]
 
 
+#: alpha per dataset (see the module docstring for the sources)
+OGM_PRESETS = {
+    "cremad": {"method": {"alpha": 0.8}},
+    "vggsound": {"method": {"alpha": 0.1}},
+    "kinetics_sounds": {"method": {"alpha": 0.8}},
+    "ave": {"method": {"alpha": 0.6}},
+    "ucf101": {"method": {"alpha": 0.8}},
+}
+
+
 class _OGMBase(Method):
     Options = OGMOptions
+    presets = OGM_PRESETS
     noise = False
+
+    def coefficients(self, model, features, labels) -> Dict[str, torch.Tensor]:
+        """``k_m`` (0-d device tensors) from the global-batch scores (summed over processes)."""
+        feats = {m: z.detach().float() for m, z in features.items()}
+        with torch.no_grad():
+            scores = modality_scores(model.modality_logits(feats), labels)
+            vec = D.all_reduce_sum(torch.stack([scores[m] for m in self.modalities]))
+            k = ogm_coefficient_tensor(vec, self.options.alpha)
+        return {m: k[i] for i, m in enumerate(self.modalities)}
 
     def after_backward(self, model, batch, result, ctx):
         o = self.options
         if not (o.start_epoch <= ctx.epoch <= o.end_epoch):
             return
-        feats = {m: z.detach().float() for m, z in result.output.features.items()}
+        coeffs = self.coefficients(model, result.output.features, batch.labels)
+        generators: Dict[torch.device, torch.Generator] = {}
         with torch.no_grad():
-            coeffs = ogm_coefficients(model.modality_logits(feats), batch.labels, o.alpha)
-        for m, k in coeffs.items():
-            for p in modulated_parameters(model.encoders[m], o.params):
-                if p.grad is not None:
-                    p.grad = modulate_gradient(p.grad, k, self.noise)
+            for m, k in coeffs.items():
+                for p in modulated_parameters(model.encoders[m], o.params):
+                    if p.grad is None:
+                        continue
+                    gen = None
+                    if self.noise:
+                        gen = generators.get(p.grad.device)
+                        if gen is None:
+                            gen = generators[p.grad.device] = ge_generator(ctx.seed, ctx.global_step, p.grad.device)
+                    p.grad = modulate_gradient(p.grad, k.to(p.grad.dtype), self.noise, gen)
         result.logs.update({f"coeff_{m}": k for m, k in coeffs.items()})
 
 
