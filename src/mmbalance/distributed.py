@@ -69,3 +69,15 @@ def shutdown() -> None:
     if is_distributed():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def all_reduce_row_mean(x: Tensor) -> Tensor:
+    """Mean over the first dimension of ``x`` taken over every process's rows (row counts may
+    differ per process): one ``all_reduce`` of ``[sum of rows, row count]``, then the division.
+    In one process this is ``x.mean(0)`` (as ``sum / count``). Detached; computed in ``x``'s dtype
+    (pass a float32 ``x`` for a float32 mean)."""
+    x = x.detach()
+    flat = x.reshape(x.shape[0], -1)
+    packed = torch.cat([flat.sum(dim=0), flat.new_full((1,), float(flat.shape[0]))])
+    total = all_reduce_sum(packed)
+    return (total[:-1] / total[-1]).reshape(x.shape[1:])
