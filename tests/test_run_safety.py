@@ -130,10 +130,13 @@ def test_unwritable_output_path_is_a_clear_error(tmp_path):
     ("optim.weight_decay=-1", "weight_decay must be >= 0"),
     ("train.grad_clip=-1", "grad_clip must be >= 0"),
     ("schedule.gamma=0", "gamma must be > 0"),
+    ("method.alpha=-0.1", "alpha must be >= 0"),
+    ("method.unimodal_weight=-1", "unimodal_weight must be >= 0"),
 ])
 def test_config_validation_messages(override, msg):
+    method = {"method.alpha=-0.1": "ogm_ge", "method.unimodal_weight=-1": "multiloss"}.get(override, "joint")
     with pytest.raises(ConfigError, match=msg):
-        resolve_config("synthetic", "joint", overrides=[override])
+        resolve_config("synthetic", method, overrides=[override])
 
 
 def test_npz_val_fraction_is_validated(tmp_path):
@@ -200,3 +203,22 @@ def test_result_records_compute_and_warmup_and_late_zero_out(tmp_path):
     zo = {m: d["zero_out_accuracy"] for m, d in res["test"]["modalities"].items()}
     assert res["weak_modality"] == min(zo, key=zo.get)
     assert "best_epoch_in_warmup" not in Trainer(tiny_config("joint", SMALL), None, quiet=True).fit()
+
+
+def test_resume_refuses_when_the_data_statistics_changed(tmp_path):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    n = 90
+    y = np.arange(n) % 3
+    split = np.array(["train"] * 60 + ["val"] * 15 + ["test"] * 15)
+    path = tmp_path / "feat.npz"
+    np.savez(path, y=y, split=split, x_a=rng.normal(500, 100, (n, 4)) + y[:, None] * 50, x_b=rng.normal(size=(n, 3)))
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", str(path), "--method", "joint", "--out", str(out), "--quiet", "epochs=1",
+                 "train.progress=off", "train.threads=1"]) == 0
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    mean = state["data_transform"]["standardize"]["a"]["mean"]
+    assert mean.shape == (4,) and float(mean.mean()) > 400  # fitted on the raw train rows
+    np.savez(path, y=y, split=split, x_a=rng.normal(900, 100, (n, 4)), x_b=rng.normal(size=(n, 3)))
+    with pytest.raises(MMBalanceError, match="data's fitted statistics .* differ from the checkpoint's"):
+        run_from_dir(out, quiet=True, overrides=["epochs=2"])

@@ -95,7 +95,12 @@ class Ensemble(Method):
 
 @dataclass
 class MultilossOptions:
-    unimodal_weight: float = 1.0
+    unimodal_weight: float = 1.0  # weight of the summed unimodal-head cross-entropies
+
+    def validate(self):
+        if self.unimodal_weight < 0:
+            return [f"unimodal_weight must be >= 0, got {self.unimodal_weight}"]
+        return []
 
 
 @register_method("multiloss", paper="-", kind="objective", modalities=">=1",

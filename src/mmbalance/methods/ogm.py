@@ -71,9 +71,14 @@ class OGMOptions:
     params: str = "auto"  # auto | conv | all
 
     def validate(self):
+        errs = []
         if self.params not in ("auto", "conv", "all"):
-            return [f"params must be auto, conv or all, got '{self.params}'"]
-        return []
+            errs.append(f"params must be auto, conv or all, got '{self.params}'")
+        if self.alpha < 0:
+            errs.append(f"alpha must be >= 0 (the coefficient is 1 - tanh(alpha * rho)), got {self.alpha}")
+        if self.end_epoch < self.start_epoch:
+            errs.append(f"end_epoch ({self.end_epoch}) must be >= start_epoch ({self.start_epoch})")
+        return errs
 
 
 def modulated_parameters(encoder: torch.nn.Module, rule: str) -> List[torch.nn.Parameter]:
