@@ -170,3 +170,10 @@ def test_channels_last_matches_and_bf16_runs(tmp_path):
     assert cl["test"]["loss"] == pytest.approx(plain["test"]["loss"], rel=1e-4)
     bf = Trainer(tiny_config("joint", base + ["train.bf16=true"]), None, quiet=True, bundle=bundle).fit()
     assert 0 <= bf["test"]["accuracy"] <= 1 and bf["test"]["loss"] == pytest.approx(plain["test"]["loss"], rel=0.2)
+
+
+def test_deterministic_mode_skips_the_nan_fill_of_new_tensors():
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    Trainer(tiny_config("joint", SMALL), None, quiet=True)
+    assert torch.are_deterministic_algorithms_enabled()
+    assert torch.utils.deterministic.fill_uninitialized_memory is False

@@ -1,6 +1,5 @@
 """gmm_adaptive: GMM fit and component identification, Eq. 10 on a hand case, the optimiser reset,
 refusal of M=3, steps, checkpoints, and the gap collection over two processes."""
-import copy
 import math
 import os
 import tempfile
@@ -9,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from mmbalance.errors import MethodSetupError
-from mmbalance.functional.gmm import (adaptive_loss, anneal, fit_gap_gmm, gmm_posteriors, modality_gap,
+from mmbalance.errors import ConfigError, MethodSetupError
+from mmbalance.functional.gmm import (GapGMM, adaptive_loss, anneal, fit_gap_gmm, gmm_posteriors, modality_gap,
                                       order_components, warmup_loss)
 from mmbalance.methods import build_method
+from mmbalance.methods import gmm as gmm_mod
 from mmbalance.methods.gmm import collect_gaps
 from mmbalance.training.trainer import Trainer
-from utils import tiny_bundle, tiny_config
+from utils import batch_of, tiny_bundle, tiny_config
 
 
 def _planted(seed=0):
@@ -98,10 +98,14 @@ def test_optimizer_fresh_once_at_adaptive_start(tmp_path):
     seen, fits = [], []
     orig = tr.method.on_epoch_start
 
+    states, sched = [], []
+
     def spy(model, ctx):
         orig(model, ctx)
         seen.append(ctx.optimizer)
         fits.append(tr.method.fits)
+        states.append(len(ctx.optimizer.state))  # momentum buffers held at the epoch start
+        sched.append(tr.scheduler.last_epoch)
 
     tr.method.on_epoch_start = spy
     before = tr.optimizer
@@ -111,6 +115,11 @@ def test_optimizer_fresh_once_at_adaptive_start(tmp_path):
     assert seen[2] is seen[1] and seen[3] is seen[1]  # ... and not at the later refit
     assert tr.optimizer is seen[1]
     assert fits == [0, 1, 2, 2]  # refit at each round start, none after the last round
+    # the warm-up optimiser had momentum buffers; the adaptive one starts with none, and a fresh
+    # LR schedule; the later refit keeps the (now non-empty) state
+    assert len(before.state) > 0 and all("momentum_buffer" in v for v in before.state.values())
+    assert states == [0, 0, states[2], states[3]] and states[2] > 0 and states[3] > 0
+    assert sched == [0, 0, 1, 2]
     rows = [l for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if l]
     assert len(rows) == 4 and '"gmm_mu0"' in rows[1] and '"lambda": 0.96' in rows[2]
 
@@ -128,11 +137,18 @@ def test_two_adaptive_steps_finite_and_state_round_trip():
         ctx.batch_idx = i
         res = tr.method.training_step(tr.model, b, ctx)
         assert math.isfinite(float(res.loss.detach())) and "w_balanced" in res.logs
-    state = copy.deepcopy(tr.method.state_dict())
+    path = os.path.join(tempfile.mkdtemp(), "s.pt")
+    torch.save(tr.method.state_dict(), path)
+    state = torch.load(path, weights_only=True)  # plain values only: no numpy / dataclass pickles
     other = build_method("gmm_adaptive", tr.cfg.method_options, ["m1", "m2"], 3)
+    plain = build_method("gmm_adaptive", tr.cfg.method_options, ["m1", "m2"], 3)
     other.load_state_dict(state)
     assert other.gmm == tr.method.gmm and other.fits == 1 and other.reset_done is True
-    torch.save(state, os.path.join(tempfile.mkdtemp(), "s.pt"))  # picklable for checkpoints
+    # behaviour restored: the same adaptive loss; without the state the loss is the warm-up one
+    batch = batches[0]
+    losses = [float(m.compute_loss(tr.model, batch, ctx).loss.detach()) for m in (tr.method, other, plain)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    assert losses[2] != pytest.approx(losses[0], rel=1e-3)
 
 
 def test_collect_gaps_matches_direct_computation():
@@ -179,3 +195,93 @@ def test_collect_gaps_two_processes(tmp_path):
     order = list(range(0, n, 2)) + list(range(1, n, 2))
     assert both.shape == (n,)
     assert torch.allclose(both, single[order], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- planted method-level loss
+def _normal(x, mu, var):
+    return math.exp(-(x - mu) ** 2 / (2 * var)) / math.sqrt(2 * math.pi * var)
+
+
+PLANTED_GMM = GapGMM((0.7, 0.3), (0.1, 0.6), (0.01, 0.04))  # balanced component 0 has mu0 = 0.1 != 0
+
+
+def _plant(monkeypatch, tr):
+    """Two rows, labels (0, 1). Unimodal true-class probabilities: row 0 s1 = 0.75, s2 = 0.25
+    (g = +0.5), row 1 s1 = 0.5, s2 = 0.6 (g = -0.1); fused true-class probabilities 0.75, 0.5."""
+    model = tr.model
+    batch = batch_of(tr.bundle, n=2)
+    assert batch.labels.tolist() == [0, 1]
+    z = torch.zeros(2, 2, requires_grad=True)
+    l3, l15 = math.log(3.0), math.log(1.5)
+    uni = {"m1": torch.tensor([[l3, 0.0], [0.0, 0.0]]), "m2": torch.tensor([[0.0, l3], [0.0, l15]])}
+    fused = torch.tensor([[l3, 0.0], [0.0, 0.0]])
+    monkeypatch.setattr(model, "encode", lambda inputs, modalities=None: {"m1": z, "m2": z})
+    monkeypatch.setattr(model, "fuse", lambda f: fused + 0 * f["m1"])
+    monkeypatch.setattr(model, "modality_logits", lambda f: {m: uni[m] + 0 * f[m] for m in uni})
+    return batch
+
+
+def _planted_expected(gmm, lam, alpha, beta, gamma):
+    (p0, p1), (m0, m1), (v0, v1) = gmm.weights, gmm.means, gmm.variances
+    total = 0.0
+    for g, ce in ((0.5, -math.log(0.75)), (-0.1, math.log(2.0))):
+        a, b = p0 * _normal(g, m0, v0), p1 * _normal(g, m1, v1)
+        w0, w1 = a / (a + b), b / (a + b)
+        total += alpha * w0 * ce + lam * (beta * g ** 2 + gamma * w1 * (g - m0) ** 2)
+    return total / 2
+
+
+def test_compute_loss_planted_gaps_and_gmm(monkeypatch):
+    """Eq. 10 through the method on hand values: w0 at g = 0.5 is ~0.0018 and at g = -0.1 ~0.9965,
+    so swapping w0/w1, flipping the gap's sign, u0 = 0 or dropping 0.96^t all move the loss."""
+    torch.manual_seed(0)
+    tr = _trainer(None, ["method.warmup_epochs=3", "method.alpha=1.5", "method.beta=2.0", "method.gamma=3.0"])
+    batch = _plant(monkeypatch, tr)
+    tr.method.gmm = PLANTED_GMM
+    tr.ctx.epoch = 5  # t = 2 epochs into the adaptive phase
+    res = tr.method.compute_loss(tr.model, batch, tr.ctx)
+    expect = _planted_expected(PLANTED_GMM, 0.96 ** 2, 1.5, 2.0, 3.0)
+    assert float(res.loss.detach()) == pytest.approx(expect, rel=1e-5)
+    assert res.logs["lambda"] == pytest.approx(0.9216)
+    assert res.logs["gap"] == pytest.approx(0.2, abs=1e-6)  # mean of +0.5 and -0.1
+    # the reference is sensitive to each of the four mutations (sanity of the planted case)
+    alt = [_planted_expected(GapGMM((0.3, 0.7), (0.6, 0.1), (0.04, 0.01)), 0.9216, 1.5, 2.0, 3.0),
+           _planted_expected(PLANTED_GMM, 1.0, 1.5, 2.0, 3.0),
+           _planted_expected(GapGMM((0.7, 0.3), (0.0, 0.6), (0.01, 0.04)), 0.9216, 1.5, 2.0, 3.0)]
+    assert all(abs(a - expect) > 1e-3 for a in alt)
+    # warm-up epochs ignore the GMM: Eq. 7
+    tr.ctx.epoch = 2
+    warm = tr.method.compute_loss(tr.model, batch, tr.ctx)
+    ce = (-math.log(0.75) + math.log(2.0)) / 2
+    l1 = (-math.log(0.75) - math.log(0.5)) / 2
+    l2 = (-math.log(0.25) - math.log(0.6)) / 2
+    assert float(warm.loss.detach()) == pytest.approx(ce + l1 + l2, rel=1e-5)
+
+
+def test_balanced_majority_guard(monkeypatch):
+    rng = np.random.default_rng(0)
+    gaps = np.concatenate([rng.normal(0.0, 0.05, 490), rng.normal(0.5, 0.05, 510)])  # pi0 ~ 0.49
+    off = fit_gap_gmm(torch.tensor(gaps))
+    assert abs(off.mu0) < 0.02 and 0.45 < off.weights[0] < 0.5 and not off.degenerate
+    on = fit_gap_gmm(torch.tensor(gaps), balanced_majority=True)
+    assert on.degenerate and on.means == off.means
+    # a majority balanced component passes the guard
+    assert not fit_gap_gmm(torch.tensor(_planted()), balanced_majority=True).degenerate
+    # through the method: the option reaches the fit, and the loss becomes alpha CE + lam beta g^2
+    monkeypatch.setattr(gmm_mod, "collect_gaps", lambda model, batches: torch.tensor(gaps, dtype=torch.float32))
+    for flag in (False, True):
+        torch.manual_seed(0)
+        tr = _trainer(None, ["method.warmup_epochs=0", f"method.balanced_majority={str(flag).lower()}"])
+        assert tr.method.fit(tr.model, tr.ctx).degenerate is flag
+    batch = _plant(monkeypatch, tr)
+    res = tr.method.compute_loss(tr.model, batch, tr.ctx)
+    ce = -math.log(0.75) + math.log(2.0)
+    assert float(res.loss.detach()) == pytest.approx((ce + 0.5 ** 2 + 0.1 ** 2) / 2, rel=1e-5)
+    assert res.logs["w_balanced"] == 1.0
+
+
+def test_options_reject_negative_coefficients():
+    for k in ("alpha", "beta", "gamma"):
+        with pytest.raises(ConfigError, match=k):
+            tiny_config("gmm_adaptive", [f"method.{k}=-0.5"])
+    assert tiny_config("gmm_adaptive").method_options.balanced_majority is False

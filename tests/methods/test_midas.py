@@ -144,8 +144,9 @@ def test_warmup_trains_only_unimodal_heads():
     assert all(p.grad is not None for p in model.encoders.parameters())
 
 
-def test_loss_assembly_with_fixed_partner(monkeypatch):
-    tr = _trainer(extra=["method.warmup_epochs=0", "method.lam=2.0"])
+@pytest.mark.parametrize("reduction,per_row", [("sum", 1), ("mean", 2)])
+def test_loss_assembly_with_fixed_partner(monkeypatch, reduction, per_row):
+    tr = _trainer(extra=["method.warmup_epochs=0", "method.lam=2.0", f"method.mis_reduction={reduction}"])
     model, method, ctx = tr.model, tr.method, tr.ctx
     batch = batch_of(tr.bundle, n=6)  # labels 0,1,2,0,1,2
     y = batch.labels
@@ -168,7 +169,7 @@ def test_loss_assembly_with_fixed_partner(monkeypatch):
                 w = 1 + (cos + 1) / 2
                 lp = model.fuse({"m1": f["m1"][a:a + 1], "m2": f["m2"][b:b + 1]}).log_softmax(1)[0]
                 total += -w * (1.0 * c1 * lp[y[a]] + 1.1 * c2 * lp[y[b]])
-        expected = F.cross_entropy(model.fuse(f), y) + sum(F.cross_entropy(h[m], y) for m in h) + 2.0 * total / 6
+        expected = F.cross_entropy(model.fuse(f), y) + sum(F.cross_entropy(h[m], y) for m in h) + 2.0 * total / (6 * per_row)
     assert res.loss.item() == pytest.approx(float(expected), rel=1e-5)
     assert res.logs["valid_fraction"] == pytest.approx(5 / 6)
 
@@ -188,13 +189,36 @@ def test_single_class_batch_drops_all_misaligned_rows():
 
 @pytest.mark.parametrize("m", [2, 3])
 def test_two_steps_update_alpha_and_are_finite(m):
-    tr = _trainer(m, extra=["method.warmup_epochs=0", "method.eta=0.5"])
+    tr = _trainer(m, extra=["method.warmup_epochs=0", "method.eta=0.5", "method.reset_alpha_each_epoch=false"])
+    method = tr.method
+    method.alpha = [2.0] * m  # away from the floor, so either sign of Delta moves alpha
     before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    seen = []
+    orig = method.after_step
+
+    def spy(model, batch, result, ctx):
+        pending, alpha_before = method._pending.clone(), list(method.alpha)
+        orig(model, batch, result, ctx)
+        seen.append((pending, alpha_before, list(method.alpha)))
+
+    method.after_step = spy
     res = two_steps(tr)
     assert all(math.isfinite(float(r.loss.detach())) for r in res)
     assert all(r.logs["loss_mis"] > 0 for r in res)
-    a = tr.method.alpha
-    assert len(a) == m and min(a) >= 1.0 and sum(v == 1.0 for v in a) >= m - 1
+    assert len(seen) == 2
+    for (pending, a0, a1), r in zip(seen, res):
+        n = float(pending[-1])
+        assert n == 2 * round(r.logs["valid_fraction"] * 16)  # two misaligned samples per valid row
+        # c~ and c^ are normalised over the modalities of each misaligned sample
+        assert float(pending[:m].sum()) == pytest.approx(n) and float(pending[m:2 * m].sum()) == pytest.approx(n)
+        mean_c, mean_chat = (pending[:m] / n).tolist(), (pending[m:2 * m] / n).tolist()
+        k = min(range(m), key=lambda i: mean_c[i])  # Eq. 5
+        step = 0.5 if mean_c[k] > mean_chat[k] else -0.5  # Eq. 6 (no ties on real data)
+        expect = [1.0] * m
+        expect[k] = max(1.0, a0[k] + step)  # Eq. 7, the others reset to 1
+        assert a1 == pytest.approx(expect)
+    assert seen[0][1] == [2.0] * m and sorted(seen[0][2])[-1] in (1.5, 2.5)
+    assert tr.method.on_epoch_end(tr.model, tr.ctx) == {f"alpha_m{i + 1}": a for i, a in enumerate(seen[-1][2])}
     for mod in tr.model.modalities:
         assert any(not torch.equal(v, before[k]) for k, v in tr.model.state_dict().items()
                    if k.startswith(f"encoders.{mod}."))
@@ -218,7 +242,7 @@ def test_fit_three_modalities_and_state_round_trip(tmp_path):
     tr.method.alpha = [1.0, 1.25, 1.0]
     torch.save(tr.method.state_dict(), tmp_path / "s.pt")
     fresh = _trainer(3).method
-    fresh.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=False))
+    fresh.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
     assert fresh.alpha == [1.0, 1.25, 1.0]
     assert MIDAS.presets["kinetics_sounds"]["method"]["lam"] == 5.0
 
@@ -248,3 +272,128 @@ def test_confidence_labels_and_hard_weights_are_detached():
     for a, b in zip(g_heads, model.heads.parameters()):
         assert torch.allclose(a, b.grad, atol=1e-6)
     assert any(not torch.allclose(a, b.grad, atol=1e-5) for a, b in zip(g_enc, model.encoders.parameters()))
+
+
+# ----------------------------------------------------------------------------- planted model
+def _planted(monkeypatch, q, f1, f2, extra=()):
+    """Two rows with labels 0, 1 (so the partners are forced: 0 <-> 1) and 3 classes. The
+    features are given (leaf tensors), the fusion is ``f^1 + f^2`` (features live in logit
+    space) and the unimodal heads give modality m of row b the true-class probability
+    ``q[b][m]`` (the rest spread evenly). Misaligned pairs: P = (f_0^1, f_1^2) with source
+    labels (0, 1) -- type A of row 0, type B of row 1 -- and Q = (f_1^1, f_0^2) with (1, 0)."""
+    tr = _trainer(extra=["method.warmup_epochs=0"] + list(extra))
+    model = tr.model
+    batch = batch_of(tr.bundle, n=2)
+    assert batch.labels.tolist() == [0, 1]
+    feats = {"m1": torch.tensor(f1, requires_grad=True), "m2": torch.tensor(f2, requires_grad=True)}
+    heads = {}
+    for k, m in enumerate(("m1", "m2")):
+        rows = []
+        for b in range(2):
+            p = [(1 - q[b][k]) / 2] * 3
+            p[b] = q[b][k]  # label of row b is b
+            rows.append(p)
+        heads[m] = torch.tensor(rows).log()
+    monkeypatch.setattr(model, "encode", lambda inputs, modalities=None: dict(feats))
+    monkeypatch.setattr(model, "head_logits", lambda f: {m: heads[m] + 0 * f[m].sum() for m in f})
+    monkeypatch.setattr(model, "fuse", lambda f: f["m1"] + f["m2"])
+    return tr, batch
+
+
+Q_M2_WEAK = [[0.9, 0.6], [0.8, 0.3]]  # P: c~ = (0.9, 0.3)/1.2 = (3/4, 1/4); Q: (0.8, 0.6)/1.4 = (4/7, 3/7)
+Q_M1_WEAK = [[0.6, 0.9], [0.3, 0.8]]  # P: (0.6, 0.8)/1.4 = (3/7, 4/7); Q: (0.3, 0.9)/1.2 = (1/4, 3/4)
+F_M1_LOUD = ([[2.0, 0, 0], [0, 0, 1.0]], [[0, 1.0, 0], [1.0, 0, 0]])  # P logits [3,0,0], Q logits [0,1,1]
+F_M2_LOUD = ([[0, 0, 1.0], [0, 0, 0.5]], [[3.0, 0, 0], [0, 3.0, 0]])  # P logits [0,3,1], Q logits [3,0,.5]
+
+
+@pytest.mark.parametrize("q,f,alpha0,expect", [
+    # mean c~ = ((3/4 + 4/7)/2, (1/4 + 3/7)/2) = (0.661, 0.339) -> m^ = m2. The model's normalised
+    # confidence for m2's label: P 1/(e^3+1) = 0.047, Q 1/(1+e) = 0.269, mean 0.158 < 0.339
+    # -> Delta = +1 -> alpha_m2 = 1.2 + 0.1
+    (Q_M2_WEAK, F_M1_LOUD, [1.0, 1.2], [1.0, 1.3]),
+    # m2 over-predicted: P e^3/(1+e^3) = 0.953, Q e^3/(e^3+1) = 0.953 > 0.339 -> Delta = -1
+    (Q_M2_WEAK, F_M2_LOUD, [1.0, 1.2], [1.0, 1.1]),
+    # mean c~ = ((3/7 + 1/4)/2, ...) = (0.339, 0.661) -> m^ = m1; model's confidence for m1's label:
+    # P e^3/(e^3+1) = 0.953, Q e/(e+1) = 0.731, mean 0.842 > 0.339 -> Delta = -1 -> alpha_m1 = 1.1,
+    # alpha_m2 reset to 1
+    (Q_M1_WEAK, F_M1_LOUD, [1.2, 1.3], [1.1, 1.0]),
+])
+def test_training_step_alpha_step_planted(monkeypatch, q, f, alpha0, expect):
+    tr, batch = _planted(monkeypatch, q, *f, extra=["method.eta=0.1"])
+    tr.method.alpha = list(alpha0)
+    tr.model.train()
+    res = tr.method.training_step(tr.model, batch, tr.ctx)
+    assert tr.method.alpha == pytest.approx(expect, abs=1e-9)
+    assert tr.method.on_epoch_end(tr.model, tr.ctx) == {"alpha_m1": pytest.approx(expect[0]),
+                                                        "alpha_m2": pytest.approx(expect[1])}
+    assert math.isfinite(float(res.loss.detach()))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_mis_reduction_hand_values(monkeypatch, reduction):
+    tr, batch = _planted(monkeypatch, Q_M2_WEAK, *F_M1_LOUD,
+                         extra=["method.lam=2.0", f"method.mis_reduction={reduction}"])
+    tr.method.alpha = [1.0, 1.2]
+    res = tr.method.compute_loss(tr.model, batch, tr.ctx)
+    e = math.e
+    # every swap is between orthogonal features: cos = 0 -> w = 1.5 for all four samples
+    lse_p, lse_q = math.log(e ** 3 + 2), math.log(2 * e + 1)  # P logits [3,0,0], Q logits [0,1,1]
+    loss_p = 1.5 * (1.0 * 0.75 * (lse_p - 3) + 1.2 * 0.25 * lse_p)  # labels (0, 1)
+    loss_q = 1.5 * (1.0 * 4 / 7 * (lse_q - 1) + 1.2 * 3 / 7 * lse_q)  # labels (1, 0)
+    four = 2 * (loss_p + loss_q)  # P and Q each appear twice (type A of one row, type B of the other)
+    l_mis = four / 2 / (2 if reduction == "mean" else 1)  # mean over |B| = 2 rows
+    l_align = (math.log(e ** 2 + e + 1) - 2 + math.log(2 * e + 1)) / 2  # aligned logits [2,1,0], [1,0,1]
+    l_uni = (-math.log(0.9) - math.log(0.8)) / 2 + (-math.log(0.6) - math.log(0.3)) / 2
+    assert res.logs["loss_mis"] == pytest.approx(l_mis, rel=1e-5)
+    assert float(res.loss.detach()) == pytest.approx(l_align + l_uni + 2.0 * l_mis, rel=1e-5)
+
+
+def test_options_reject_bad_values():
+    for bad, word in (("method.mis_reduction=max", "mis_reduction"), ("method.lam=-1", "lam"),
+                      ("method.eta=-0.1", "eta")):
+        with pytest.raises(ConfigError, match=word):
+            tiny_config("midas", [bad])
+    assert tiny_config("midas").method_options.mis_reduction == "mean"
+
+
+def test_state_loads_weights_only_and_restores_behaviour(tmp_path):
+    tr = _trainer(extra=["method.warmup_epochs=0"])
+    batch = batch_of(tr.bundle, n=12)
+    tr.method.alpha = [1.0, 1.4]
+    torch.save(tr.method.state_dict(), tmp_path / "s.pt")
+    state = torch.load(tmp_path / "s.pt", weights_only=True)
+    loaded, plain = (_trainer(extra=["method.warmup_epochs=0"]).method for _ in range(2))
+    loaded.load_state_dict(state)
+    assert loaded.alpha == [1.0, 1.4]
+    losses = []
+    for meth in (tr.method, loaded, plain):
+        torch.manual_seed(7)  # same partners
+        losses.append(float(meth.compute_loss(tr.model, batch, tr.ctx).logs["loss_mis"]))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    assert losses[2] != pytest.approx(losses[0], rel=1e-3)  # alpha matters: the state was restored
+
+
+def _alpha_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+    from mmbalance.methods import build_method
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        method = build_method("midas", None, ["m1", "m2"], 3)
+        # [sum c~ (M), sum c^ (M), count] of this process's batch
+        method._pending = torch.tensor([[1.5, 0.5, 1.9, 0.1, 2.0], [1.0, 5.0, 0.2, 5.8, 6.0]][rank],
+                                       dtype=torch.float64)
+        method.after_step(None, None, None, None)
+        torch.save(method.alpha, f"{out_dir}/alpha{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_alpha_statistics_reduced_over_processes(tmp_path):
+    """Rank 0 alone would pick m2 (mean c~ 0.25, c^ 0.05 -> alpha_m2 up); the global batch has
+    mean c~ = (2.5, 5.5)/8 -> m1, mean c^_1 = 2.1/8 = 0.2625 < 0.3125 -> alpha_m1 = 1.05 on both."""
+    import torch.multiprocessing as mp
+    mp.spawn(_alpha_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        assert torch.load(tmp_path / f"alpha{r}.pt") == pytest.approx([1.05, 1.0])

@@ -38,6 +38,16 @@ class GapGMM:
     def mu0(self) -> float:
         return self.means[0]
 
+    def to_state(self) -> Dict[str, object]:
+        """Plain Python values (loadable with ``torch.load(weights_only=True)``)."""
+        return {"weights": list(self.weights), "means": list(self.means), "variances": list(self.variances),
+                "degenerate": bool(self.degenerate)}
+
+    @classmethod
+    def from_state(cls, state: Dict[str, object]) -> "GapGMM":
+        return cls(tuple(float(x) for x in state["weights"]), tuple(float(x) for x in state["means"]),
+                   tuple(float(x) for x in state["variances"]), bool(state["degenerate"]))
+
     def as_logs(self) -> Dict[str, float]:
         return {"gmm_mu0": self.means[0], "gmm_mu1": self.means[1], "gmm_var0": self.variances[0],
                 "gmm_var1": self.variances[1], "gmm_pi0": self.weights[0], "gmm_pi1": self.weights[1],
@@ -45,22 +55,24 @@ class GapGMM:
 
 
 def order_components(weights, means, variances, min_separation: float = 0.05,
-                     min_weight: float = 0.01) -> GapGMM:
+                     min_weight: float = 0.01, balanced_majority: bool = False) -> GapGMM:
     """Reorder two fitted components so that index 0 has the mean nearest 0 (ties: the first);
-    flag the fit as degenerate when ``|mu_1 - mu_0| < min_separation`` or ``min(pi) < min_weight``."""
+    flag the fit as degenerate when ``|mu_1 - mu_0| < min_separation`` or ``min(pi) < min_weight``,
+    or, with ``balanced_majority``, when the balanced component holds less than half the mass."""
     w = [float(x) for x in weights]
     mu = [float(x) for x in means]
     var = [float(x) for x in variances]
     k0 = int(np.argmin(np.abs(mu)))
     order = [k0, 1 - k0]
-    degenerate = abs(mu[1] - mu[0]) < min_separation or min(w) < min_weight
+    degenerate = (abs(mu[1] - mu[0]) < min_separation or min(w) < min_weight
+                  or (balanced_majority and w[k0] < 0.5))
     return GapGMM(tuple(w[k] for k in order), tuple(mu[k] for k in order), tuple(var[k] for k in order),
                   degenerate)
 
 
 def fit_gap_gmm(gaps: Tensor | np.ndarray, seed: int = 0, *, n_init: int = 3, max_iter: int = 100,
                 tol: float = 1e-3, reg_covar: float = 1e-6, min_separation: float = 0.05,
-                min_weight: float = 0.01) -> GapGMM:
+                min_weight: float = 0.01, balanced_majority: bool = False) -> GapGMM:
     """EM fit of ``GaussianMixture(n_components=2, covariance_type="full")`` to the gaps (spec §3.3
     step 2), then :func:`order_components`. Fewer than 2 distinct values -> degenerate fit."""
     from sklearn.mixture import GaussianMixture
@@ -75,7 +87,7 @@ def fit_gap_gmm(gaps: Tensor | np.ndarray, seed: int = 0, *, n_init: int = 3, ma
                          reg_covar=reg_covar, random_state=seed, n_init=n_init)
     gm.fit(x)
     return order_components(gm.weights_, gm.means_.reshape(-1), gm.covariances_.reshape(-1),
-                            min_separation, min_weight)
+                            min_separation, min_weight, balanced_majority)
 
 
 def gmm_log_posteriors(g: Tensor, weights, means, variances) -> Tensor:

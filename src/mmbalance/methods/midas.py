@@ -16,7 +16,8 @@ in :meth:`MIDAS.configure_model`).
   ``c~^m = q_m / sum_l q_l`` with ``q_m = softmax(g_m(f^m_src))[y_src]`` (Eq. 2); detached hard
   weight ``w = 1 + (cos + 1) / 2`` between the replaced modality's original and swapped-in
   features (Eq. 8); ``L_mis = w * -sum_m alpha_m c~^m log p~[y^(m)]`` with non-detached
-  features (Eq. 10); ``L = mean_i [L_align + L_uni + lam (L_mis,A + L_mis,B)]`` (Eq. 11).
+  features (Eq. 10); ``L = mean_i [L_align + L_uni + lam * R(L_mis,A, L_mis,B)]`` (Eq. 11),
+  ``R`` = mean (default) or sum of the two, see ``mis_reduction``.
 * After the optimiser step (``after_step``), from the same batch's detached quantities over
   both sample types: ``m^ = argmin_m mean c~^m``; ``Delta = sign(mean c~^{m^} - mean
   p~[y^(m^)] / sum_l p~[y^(l)])``; ``alpha_{m^} <- max(1, alpha_{m^} + eta Delta)``, every
@@ -32,8 +33,24 @@ Decisions and deviations (each a switch where one exists):
 * ``reset_alpha_each_epoch=true`` (default) re-initialises alpha = 1 at every epoch start, as
   Algorithm 1 line 11; ``false`` keeps alpha across epochs (Sec. 3.4 only says "initialize").
 * ``lam`` default 1, preset 5 for ``kinetics_sounds`` (App. A.3); ``eta`` = 0.05.
-* Under DDP the batch means of Eqs. 5-6 are taken over the global batch (sums and counts go
-  through :func:`mmbalance.distributed.all_reduce_sum`) so every process keeps the same alpha.
+* ``mis_reduction`` -- how the two misaligned samples of a row enter Eq. 11. The paper both
+  "generates two misaligned samples per original sample" (Secs. 3.2, 3.6) and writes one
+  ``lam * L_mis(x~_i)`` per row (Eq. 11; Algorithm 1 line 18 builds ``b`` misaligned samples
+  for ``b`` rows). ``mean`` (default) averages the two, so ``lam`` keeps the scale Eq. 11 states
+  it on (one misaligned loss per aligned one, the scale of the paper's lam = 1 / 5 settings)
+  while both samples are used; it equals treating the 2|B| misaligned samples as one batch with
+  a mean loss. ``sum`` adds both (spec §3.2 item 8), i.e. twice the effective ``lam``. The
+  official code could not be read, so which one the reported runs used is unknown.
+* Under DDP every statistic that changes state is taken over the global batch: the sums of
+  ``c~`` and ``c^`` and their count behind Eqs. 5-6 go through
+  :func:`mmbalance.distributed.all_reduce_sum` before the means, the argmin and the sign, so
+  every process keeps the same alpha. Everything else MIDAS computes (partners, ``c~``, ``w``)
+  is per sample; the loss is a per-process batch mean whose gradients DDP averages, as for
+  plain cross-entropy.
+* ``on_epoch_end`` logs ``alpha_<modality>``, the weights at the end of the epoch (before a
+  reset at the next epoch start).
+* Method state is ``alpha`` only, a list of floats (checkpoints load with
+  ``torch.load(weights_only=True)``).
 * M > 2 (App. A.2): sources ``K_i = (i, j, k_1..k_{M-2})`` with ``y_j != y_i`` (so >= 2 distinct
   labels) and ``k`` uniform over the other rows; a random assignment of sources to modalities
   per row (sample A) and the same assignment rotated by one modality (sample B), so two
@@ -66,11 +83,14 @@ class MIDASOptions:
     warmup_epochs: int = 5  # L_uni-only epochs (not reported)
     partner: str = "uniform"  # uniform | shuffle_mask
     reset_alpha_each_epoch: bool = True  # Algorithm 1
+    mis_reduction: str = "mean"  # mean | sum of the two misaligned samples of a row (Eq. 11)
 
     def validate(self):
         errs = []
         if self.partner not in ("uniform", "shuffle_mask"):
             errs.append(f"partner must be uniform or shuffle_mask, got '{self.partner}'")
+        if self.mis_reduction not in ("mean", "sum"):
+            errs.append(f"mis_reduction must be mean or sum, got '{self.mis_reduction}'")
         if self.lam < 0:
             errs.append(f"lam must be >= 0, got {self.lam}")
         if self.eta < 0:
@@ -137,7 +157,8 @@ class MIDAS(Method):
             src_labels = y[src]  # [N, M]
             mis_logits = model.fuse({m: feats[m][src[:, k]] for k, m in enumerate(mods)})
             alpha = torch.tensor(self.alpha, device=dev)
-            l_mis = misaligned_loss(mis_logits, src_labels, c, alpha, w).sum() / b
+            per_row = 2 if o.mis_reduction == "mean" else 1  # two misaligned samples per row
+            l_mis = misaligned_loss(mis_logits, src_labels, c, alpha, w).sum() / (b * per_row)
             with torch.no_grad():
                 chat = normalised_multimodal_confidence(mis_logits.detach().float().softmax(1), src_labels)
                 self._pending = torch.cat([c.sum(0).double(), chat.sum(0).double(),
@@ -146,8 +167,10 @@ class MIDAS(Method):
         loss = l_align + l_uni + o.lam * l_mis
         logs.update({"loss_align": float(l_align.detach()), "loss_mis": float(l_mis.detach()),
                      "valid_fraction": float(valid.float().mean())})
-        logs.update({f"alpha_{m}": a for m, a in zip(mods, self.alpha)})
         return LossOutput(loss, ModelOutput(fused, feats, heads), logs)
+
+    def on_epoch_end(self, model, ctx):
+        return {f"alpha_{m}": a for m, a in zip(self.modalities, self.alpha)}
 
     def after_step(self, model, batch, result, ctx):
         if self._pending is None:
