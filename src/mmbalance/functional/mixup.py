@@ -28,7 +28,8 @@ def sample_lambda(mode: str, value: float, gamma: float) -> float:
 
 def mix_features(features: Mapping[str, Tensor], perm: Tensor, lambdas: Mapping[str, float]) -> Dict[str, Tensor]:
     """``z~_m = lam_m z_m + (1 - lam_m) z_m[perm]`` for every modality in ``lambdas``; the others
-    are returned untouched. Differentiable through both ``z_m`` and ``z_m[perm]``."""
+    are returned untouched. ``lam_m`` is the weight of the row's **own** feature (Eq. 3's lambda;
+    for B-MM see :func:`own_weight`). Differentiable through both ``z_m`` and ``z_m[perm]``."""
     out = {}
     for m, z in features.items():
         if m in lambdas:
@@ -41,7 +42,8 @@ def mix_features(features: Mapping[str, Tensor], perm: Tensor, lambdas: Mapping[
 
 def mixed_cross_entropy(logits: Tensor, labels: Tensor, perm: Tensor, lam: float) -> Tensor:
     """``lam * CE(logits, y) + (1 - lam) * CE(logits, y[perm])`` (batch means): the soft-label CE
-    with target ``lam * onehot(y) + (1 - lam) * onehot(y[perm])``."""
+    with target ``lam * onehot(y) + (1 - lam) * onehot(y[perm])``; ``lam`` weights the row's own
+    label, as in :func:`mix_features`."""
     return lam * F.cross_entropy(logits, labels) + (1.0 - lam) * F.cross_entropy(logits, labels[perm])
 
 
@@ -72,7 +74,8 @@ def discrepancy(sums: Mapping[str, float | Tensor]) -> Dict[str, float]:
 
 
 def bmm_lambdas(rho: Mapping[str, float], alpha: float) -> Dict[str, float]:
-    """Eqs. 7-8: the modalities to mix and their lambda. When the strongest modality has
+    """Eqs. 7-8: the modalities to mix and Eq. 7's lambda (which side it weights:
+    :func:`own_weight`). When the strongest modality has
     ``rho > 1``: ``lam = tanh(alpha * rho_strong)`` for every other modality (``rho <= 1``); the
     strongest is not mixed. Nothing is mixed when no modality has ``rho > 1`` ("0 otherwise" =
     no mixing, spec §3.1.2 item 3)."""
@@ -84,6 +87,20 @@ def bmm_lambdas(rho: Mapping[str, float], alpha: float) -> Dict[str, float]:
         return {}
     lam = math.tanh(alpha * r) if math.isfinite(r) else 1.0
     return {m: lam for m, v in rho.items() if m != strong and v <= 1.0}
+
+
+def own_weight(lam: float, lambda_weights: str) -> float:
+    """The weight of the sample's **own** feature and label in a B-MM mix, from Eq. 7's
+    ``lam = tanh(alpha rho)``. ``lambda_weights="partner"`` (default reading): ``lam`` weights the
+    partner, so the own weight is ``1 - lam``; ``"own"`` (Eq. 8 as printed): ``lam`` itself.
+    The same weight goes to the feature (:func:`mix_features`) and to the label
+    (:func:`mixed_cross_entropy`), so the target always puts on each sample the share that
+    sample has in the mixed feature."""
+    if lambda_weights == "partner":
+        return 1.0 - float(lam)
+    if lambda_weights == "own":
+        return float(lam)
+    raise ValueError(f"lambda_weights must be 'partner' or 'own', got '{lambda_weights}'")
 
 
 def random_permutation(n: int, device: torch.device | str = "cpu", generator: Optional[torch.Generator] = None) -> Tensor:

@@ -13,27 +13,61 @@ evaluation.
 B-MM (``bmm``): per-modality scores ``s_i^m = softmax(l^m_i)[y_i]`` from the fusion's own
 per-modality logits (``model.modality_logits``: W-split with b/M for concat fusion, branches for
 sum/late), under ``no_grad``; ``rho_m = sum_i s_i^m / sum_i s_i^other`` over the whole training
-set at the end of every epoch, used in the **next** epoch; ``lam = tanh(alpha rho_strong)``; only
-the weak modality is mixed (strong untouched), labels mixed with the same ``lam``. The first
-``warmup_epochs`` epochs are plain cross-entropy with no mixing (rho is still computed).
+set at the end of every epoch, used in the **next** epoch; Eq. 7's ``lam = tanh(alpha rho_strong)``;
+only the weak modality is mixed (strong untouched), and by default ``lam`` weights the
+**partner**: ``z~_w = (1 - lam) z_w + lam z_w[perm]``, loss
+``(1 - lam) CE(logits, y) + lam CE(logits, y[perm])``. The first ``warmup_epochs`` epochs are
+plain cross-entropy with no mixing (rho is still computed).
 
 Decisions and deviations (each a switch where one exists):
 * MM's lambda: the reported MM numbers use a **fixed** lambda (Table 3); Eq. 3 samples
   ``Beta(gamma, gamma)`` per batch. ``lambda_mode=fixed`` (default, ``lam=0.3``; 0.1 preset for
   ``kinetics_sounds``) or ``lambda_mode=beta`` with ``gamma`` (default 1.0, not reported).
+* MM's ``lam`` is restricted to **[0, 0.5]** (``validate()`` rejects the rest). With a
+  random-permutation partner, ``lam`` and ``1 - lam`` are the same run: row i mixed at ``lam``
+  with partner ``perm[i]`` is row ``perm[i]`` mixed at ``1 - lam`` with partner ``perm^-1``, and
+  ``perm^-1`` is as likely as ``perm``; so Table 3's ``lam``/``1 - lam`` gaps (CREMA-D 0.3: 64.65 vs
+  0.7: 58.06; KS 0.1: 50.89 vs 0.9: 47.42) cannot come from Eq. 3 and are unexplained. The presets
+  0.3 / 0.1 are the values the paper's MM numbers report, *not* a best value under Eq. 3: they
+  are the same runs as that table's low-end entries (CREMA-D 0.7, its second worst; KS 0.9, its
+  worst). ``lambda_mode=beta`` is symmetric, so it needs no range.
 * Where to mix: before fusion, per modality (Eq. 3), for every fusion, so MM and B-MM share one
   path (the text's "aggregated multimodal feature" coincides for concat fusion).
 * MM ``warmup_epochs`` (default 0 = the paper): optional plain-CE epochs before mixing, an
   addition so both mixup methods take the same switch.
-* The Table 3 lambda / 1-lambda asymmetry is unexplained; Eq. 3 is implemented literally.
+* B-MM's orientation, ``lambda_weights`` (issue 8; spec §3.1.2 item 7): ``partner`` (default)
+  gives Eq. 7's ``lam`` to the partner, in the feature **and** in the label, so the target puts
+  on each sample exactly its share of the mixed feature: ``1 - lam`` on the row's own label (the
+  label its unmixed strong modality carries) and ``lam`` on the partner's. ``own`` = Eq. 8 as
+  printed (``lam`` on the row's own feature and label). With alpha in [0.1, 0.3], ``own`` gives
+  the row only 10-30 %, so the *unmixed* modality is trained on a target that is 70-90 % another
+  sample's label and falls to chance; rho then flips every epoch (synthetic default, seed 0,
+  after warm-up: rho_x1 alternates 0.53-0.90 / 1.52-1.74, the strong modality changes in all 10
+  epochs, the unmixed modality's val zero-out accuracy is 0.19-0.24; ``partner``: rho_x1
+  1.36-1.42, no change, val zero-out x1 >= 0.79, x2 >= 0.63; docs/bmm_rho_trace.md). The text
+  supports ``partner`` ("alpha controls the degree of mixup", "a large alpha leads to overly
+  aggressive mixing", "neighbourhood samples", Fig. 5's "almost no degradation" of the strong
+  modality), and Eq. 7's "0 otherwise" then literally means no mixing (continuous at rho = 1).
+  Caveat: under ``partner``, ``tanh(alpha rho) > 0.5`` hands the partner the larger share of the
+  target -- the same failure as ``own`` at small lambda; with alpha 0.1 / 0.3 that takes
+  rho > 5.5 / 1.83 (Table 5's alpha 0.7-0.9 would be past it for any rho > 1).
+* Logged values: B-MM's ``lambda`` is Eq. 7's value (0 = nothing mixed), ``own_weight`` the
+  weight of a row's own feature and label in the mixed modality (1 = nothing mixed); the same with
+  a ``next_`` prefix at epoch end, with ``rho_<modality>``. MM's ``lambda`` is Eq. 3's (own weight).
 * B-MM's rho source: ``rho_source=online`` (default) accumulates the score sums during the
   epoch's training forward passes on the **un-mixed** features (train mode, before each step);
   ``rho_source=eval_pass`` runs a ``no_grad`` eval-mode pass over the training split with eval
-  transforms at epoch end (:func:`bmm_rho_eval_pass`). Both reduce the sums over processes with
-  :func:`mmbalance.distributed.all_reduce_sum`.
+  transforms at epoch end (:func:`bmm_rho_eval_pass`), the literal "rho of the model after each
+  epoch". Both reduce the sums over processes with :func:`mmbalance.distributed.all_reduce_sum`.
+  Kept ``online`` after measuring both (synthetic default, seeds 0-2, ``partner``): the same
+  best checkpoint and test accuracy, post-warm-up mean val accuracy within 0.001, lambda within
+  0.02; the eval-pass rho is a single end-of-epoch snapshot and 3-6x noisier from epoch to epoch
+  (sd of rho_x1 0.055-0.071 vs 0.010-0.021), and it costs an extra pass over the training split
+  (a full decode pass on media datasets). Under ``own`` both flip every epoch: the flip is the
+  orientation, not the rho source.
 * Eq. 7's "0 otherwise" is read as "no mixing for that modality"; with ``rho == 1`` nothing is
-  mixed. Larger imbalance gives lambda closer to 1, i.e. *weaker* mixing -- what the equations
-  say (spec §3.1.2 item 7), not "fixed".
+  mixed. Larger imbalance gives a larger lambda, i.e. (``partner``) *stronger* mixing of the
+  weak modality.
 * With no rho yet (``warmup_epochs=0``: the first epoch) the epoch is plain training.
 * Warm-up length: default 10 (C-REMIX), 5 preset for ``kinetics_sounds``; alpha default 0.1,
   0.3 preset for ``kinetics_sounds`` (Tables 4-5).
@@ -44,7 +78,7 @@ Decisions and deviations (each a switch where one exists):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +86,7 @@ import torch.nn.functional as F
 from .. import distributed as D
 from ..data.batch import Batch
 from ..functional.mixup import (bmm_lambdas, discrepancy, mix_features, mixed_cross_entropy,
-                                random_permutation, sample_lambda, score_sums)
+                                own_weight, random_permutation, sample_lambda, score_sums)
 from ..models.multimodal import ModelOutput, MultimodalModel
 from .base import LossOutput, Method, register_method
 
@@ -61,7 +95,7 @@ from .base import LossOutput, Method, register_method
 @dataclass
 class MMOptions:
     lambda_mode: str = "fixed"  # fixed | beta
-    lam: float = 0.3  # the fixed lambda (Table 3 best: CREMA-D 0.3, Kinetics-Sounds 0.1)
+    lam: float = 0.3  # fixed lambda in [0, 0.5]; the paper's choice (CREMA-D 0.3, KS 0.1), = its 0.7 / 0.9 runs
     gamma: float = 1.0  # Beta(gamma, gamma) for lambda_mode=beta (not reported)
     warmup_epochs: int = 0  # plain-CE epochs before mixing (not in the paper: 0 = paper)
 
@@ -69,8 +103,10 @@ class MMOptions:
         errs = []
         if self.lambda_mode not in ("fixed", "beta"):
             errs.append(f"lambda_mode must be fixed or beta, got '{self.lambda_mode}'")
-        if not 0.0 <= self.lam <= 1.0:
-            errs.append(f"lam must be in [0, 1], got {self.lam}")
+        if not 0.0 <= self.lam <= 0.5:
+            errs.append(f"lam must be in [0, 0.5], got {self.lam}: with a random-permutation partner, lam and "
+                        "1 - lam train on the same mixed pairs (row i at lam is row perm[i] at 1 - lam), so a "
+                        "lam above 0.5 is the run at 1 - lam")
         if not self.gamma > 0:
             errs.append(f"gamma must be > 0, got {self.gamma}")
         if self.warmup_epochs < 0:
@@ -78,32 +114,33 @@ class MMOptions:
         return errs
 
 
-def _mixed_step(model: MultimodalModel, batch: Batch, lambdas: Dict[str, float], lam: float) -> LossOutput:
-    """Encode, mix the modalities in ``lambdas`` with a random partner, fuse, mixed CE."""
+def _mixed_step(model: MultimodalModel, batch: Batch, mixed: Sequence[str], own: float) -> LossOutput:
+    """Encode, mix the modalities in ``mixed`` with a random partner, fuse, mixed CE. ``own`` is
+    the weight of each row's own feature **and** label (the partner gets ``1 - own``)."""
     feats = model.encode(batch.inputs)
-    if not lambdas:
+    if not mixed:
         logits = model.fuse(feats)
         return LossOutput(F.cross_entropy(logits, batch.labels), ModelOutput(logits, feats, {}))
     perm = random_permutation(len(batch), batch.labels.device)
-    logits = model.fuse(mix_features(feats, perm, lambdas))
-    loss = mixed_cross_entropy(logits, batch.labels, perm, lam)
+    logits = model.fuse(mix_features(feats, perm, {m: own for m in mixed}))
+    loss = mixed_cross_entropy(logits, batch.labels, perm, own)
     # training accuracy against the label with the larger weight in the mixed target
-    labels = batch.labels if lam >= 0.5 else batch.labels[perm]
-    return LossOutput(loss, ModelOutput(logits, feats, {}), {"lambda": lam}, labels=labels)
+    labels = batch.labels if own >= 0.5 else batch.labels[perm]
+    return LossOutput(loss, ModelOutput(logits, feats, {}), labels=labels)
 
 
 @register_method("mm", paper="Ma et al., Mixup Helps Understanding Multimodal Video Better (MM, Eq. 3)", kind="data",
                  description="multimodal mixup: mix every modality's feature and the labels with a batch partner")
 class MM(Method):
     Options = MMOptions
-    presets = {"kinetics_sounds": {"method": {"lam": 0.1}}}
+    presets = {"kinetics_sounds": {"method": {"lam": 0.1}}}  # Table 3's reported choice (= its 0.9 entry)
 
     def compute_loss(self, model, batch, ctx):
         o = self.options
-        if ctx.epoch < o.warmup_epochs:
-            return _mixed_step(model, batch, {}, 1.0)
-        lam = sample_lambda(o.lambda_mode, o.lam, o.gamma)
-        return _mixed_step(model, batch, {m: lam for m in model.modalities}, lam)
+        lam = 1.0 if ctx.epoch < o.warmup_epochs else sample_lambda(o.lambda_mode, o.lam, o.gamma)
+        result = _mixed_step(model, batch, model.modalities if lam < 1.0 else (), lam)
+        result.logs["lambda"] = lam
+        return result
 
 
 # --------------------------------------------------------------------------------------- B-MM
@@ -112,11 +149,14 @@ class BMMOptions:
     alpha: float = 0.1  # lambda = tanh(alpha * rho) (Table 5: CREMA-D 0.1, Kinetics-Sounds 0.3)
     warmup_epochs: int = 10  # plain CE epochs (C-REMIX 10; Table 4: Kinetics-Sounds 5)
     rho_source: str = "online"  # online | eval_pass
+    lambda_weights: str = "partner"  # partner | own: which sample Eq. 7's lambda weights (own = Eq. 8 as printed)
 
     def validate(self):
         errs = []
         if self.rho_source not in ("online", "eval_pass"):
             errs.append(f"rho_source must be online or eval_pass, got '{self.rho_source}'")
+        if self.lambda_weights not in ("partner", "own"):
+            errs.append(f"lambda_weights must be partner or own, got '{self.lambda_weights}'")
         if self.alpha <= 0:
             errs.append(f"alpha must be > 0, got {self.alpha}")
         if self.warmup_epochs < 0:
@@ -167,25 +207,30 @@ class BMM(Method):
         self._sums: Optional[torch.Tensor] = None
 
     def mixing_plan(self, epoch: int) -> Dict[str, float]:
-        """The modalities mixed in ``epoch`` and their lambda (empty: plain training)."""
+        """The modalities mixed in ``epoch`` and Eq. 7's lambda (empty: plain training)."""
         if epoch < self.options.warmup_epochs or self.rho is None:
             return {}
         return bmm_lambdas(self.rho, self.options.alpha)
+
+    def _weights(self, plan: Dict[str, float]) -> Dict[str, float]:
+        """Logged values: Eq. 7's ``lambda`` (0 = nothing mixed) and ``own_weight``, the weight of
+        a row's own feature and label in the mixed modality (1 = nothing mixed)."""
+        lam = next(iter(plan.values())) if plan else 0.0
+        return {"lambda": lam, "own_weight": own_weight(lam, self.options.lambda_weights) if plan else 1.0}
 
     def on_epoch_start(self, model, ctx):
         self._sums = None
 
     def compute_loss(self, model, batch, ctx):
         plan = self.mixing_plan(ctx.epoch)
-        lam = next(iter(plan.values())) if plan else 1.0
-        result = _mixed_step(model, batch, plan, lam)
+        weights = self._weights(plan)
+        result = _mixed_step(model, batch, tuple(plan), weights["own_weight"])
         if self.options.rho_source == "online":  # Eq. 5 on the un-mixed features, no grad
             with torch.no_grad():
                 feats = {m: z.detach().float() for m, z in result.output.features.items()}
                 s = score_sums(model.modality_logits(feats), batch.labels)
             self._sums = s if self._sums is None else self._sums + s
-        if not plan:
-            result.logs["lambda"] = 1.0
+        result.logs.update(weights)
         return result
 
     def on_epoch_end(self, model, ctx):
@@ -197,7 +242,6 @@ class BMM(Method):
             sums = D.all_reduce_sum(local)
             self.rho = discrepancy({m: float(v) for m, v in zip(model.modalities, sums.cpu())})
         self._sums = None
-        plan = bmm_lambdas(self.rho, self.options.alpha)
         logs = {f"rho_{m}": v for m, v in self.rho.items()}
-        logs["next_lambda"] = next(iter(plan.values())) if plan else 1.0
+        logs.update({f"next_{k}": v for k, v in self._weights(bmm_lambdas(self.rho, self.options.alpha)).items()})
         return logs
