@@ -1,4 +1,6 @@
-"""MCR (Kontras et al.): JSD, permuted logits, the detach-pattern game, NT-Xent, training."""
+"""MCR (Kontras et al.): JSD, permuted logits, the detach-pattern game (fusion_in_game, subsets),
+NT-Xent, training, options and checkpoints."""
+import io
 import math
 
 import pytest
@@ -6,7 +8,8 @@ import torch
 from torch import nn
 
 from mmbalance.errors import MethodSetupError
-from mmbalance.functional.mcr import (js_divergence, mcr_game_loss, perturbation_jsd, perturbed_logits,
+from mmbalance.errors import ConfigError
+from mmbalance.functional.mcr import (game_subsets, js_divergence, mcr_game_loss, perturbation_jsd, perturbed_logits,
                                       random_permutations, supervised_nt_xent)
 from mmbalance.methods import build_method
 from mmbalance.training.checkpoint import load_checkpoint
@@ -90,9 +93,9 @@ def _path_grads(enc, fc, x, perms, m, path):
     return [torch.cat([g.flatten() for g in gs[:2]]), torch.cat([g.flatten() for g in gs[2:]])]
 
 
-def _game_grads(enc, fc, x, perms, strategy, lam=1.0):
+def _game_grads(enc, fc, x, perms, strategy, lam=1.0, fusion_in_game="none"):
     z, ws, base = _forward(enc, fc, x)
-    loss, _ = mcr_game_loss(z, ws, fc.bias, base, perms, strategy, lam)
+    loss, _ = mcr_game_loss(z, ws, fc.bias, base, perms, strategy, lam, fusion_in_game)
     params = [p for e in enc for p in e.parameters()] + [fc.weight, fc.bias]
     gs = _grads(loss, params)
     enc_g = [torch.cat([g.flatten() for g in gs[:2]]), torch.cat([g.flatten() for g in gs[2:4]])]
@@ -180,7 +183,7 @@ def test_game_three_modalities_own_and_oth():
     gz = torch.autograd.grad(loss, z + w + [b])
     assert all(g.abs().max() < 1e-6 for g in gz[3:])  # fusion layer: cancels
     assert all(g.abs().max() > 1e-5 for g in gz[:3])  # every encoder feature gets a signal
-    assert set(vals) == {0, 1, 2} and all(0 <= float(v) <= math.log(2) for v in vals.values())
+    assert set(vals) == {(0,), (1,), (2,)} and all(0 <= float(v) <= math.log(2) for v in vals.values())
 
 
 # ----------------------------------------------------------------------------------- NT-Xent
@@ -224,6 +227,7 @@ def test_two_steps_finite(mods, tmp_path):
     assert '"loss_game"' in rows[0] and '"loss_con"' in rows[0]
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert state["method"] == {}
+    assert f'"game_terms": {float(mods)}' in rows[0]  # singles: one term per modality
 
 
 def test_ceb_and_projection_extras_train_and_checkpoint(tmp_path):
@@ -258,6 +262,180 @@ def test_defaults_and_options():
     o = cfg.method_options
     assert (o.lam_M, o.lambda_uni, o.num_samples, o.strategy, o.temperature, o.con_weight, o.ceb_weight) == \
         (0.1, 0.01, 32, "greedy", 0.5, 1.0, 0.0)
-    from mmbalance.errors import ConfigError
+    assert (o.fusion_in_game, o.subsets) == ("with_encoder", "singles")
     with pytest.raises(ConfigError, match="strategy"):
         tiny_config("mcr", ["method.strategy=minmax"])
+
+
+@pytest.mark.parametrize("override, match", [("method.fusion_in_game=weights", "fusion_in_game"),
+                                             ("method.subsets=pairs", "subsets"),
+                                             ("method.lam_M=-0.1", "lam_M"),
+                                             ("method.lambda_uni=-1", "lambda_uni"),
+                                             ("method.num_samples=0", "num_samples"),
+                                             ("method.start_epoch=-1", "start_epoch")])
+def test_invalid_options_rejected(override, match):
+    with pytest.raises(ConfigError, match=match):
+        tiny_config("mcr", [override])
+
+
+# ------------------------------------------------------------------ what a detach covers
+def _hand_case():
+    """B = 2, K = 2, d = 1, one swap. z_1 is constant, so permuting it changes nothing (J_1 = 0
+    and its gradients vanish); W_0 = [[ln 3], [0]], W_1 = 0, b = 0 -> base logit differences
+    (+ln 3, -ln 3), permuted ones (-ln 3, +ln 3): p = sigma(-+ln 3) = 1/4, 3/4 against q = 3/4,
+    1/4, m = 1/2 per row."""
+    z = [torch.tensor([[1.0], [-1.0]], requires_grad=True), torch.tensor([[0.5], [0.5]], requires_grad=True)]
+    w = [torch.tensor([[math.log(3.0)], [0.0]], requires_grad=True), torch.zeros(2, 1, requires_grad=True)]
+    b = torch.zeros(2, requires_grad=True)
+    base = sum(zi @ wi.t() for zi, wi in zip(z, w)) + b
+    return z, w, b, base, torch.tensor([[1, 0]])
+
+
+@pytest.mark.parametrize("fusion_in_game", ["none", "with_encoder"])
+def test_fusion_in_game_hand_gradients(fusion_in_game):
+    """Two-class JSD: dJSD/dt = p(1-p)(t - logit m)/2 for the perturbed logit difference t. Per
+    row that is -+(3/32) ln 3; with batchmean over 2 rows, dJ0/dW_0[0] through the permuted
+    product = (1/2)[(-3/32 ln3)(z_0[1] = -1) + (3/32 ln3)(z_0[0] = 1)] = (3/32) ln 3, and the game
+    is -J0_own + J0_oth: with_encoder -> W_0 gets -(3/32) ln 3 (class 0) and +(3/32) ln 3
+    (class 1: the softmax depends on the difference); none -> own and oth cancel -> 0. The
+    encoder feature z_0 gets -+(3/64) (ln 3)^2 in both readings."""
+    z, w, b, base, perms = _hand_case()
+    loss, vals = mcr_game_loss(z, w, b, base, perms, "greedy", 1.0, fusion_in_game)
+    c = 3.0 / 32.0 * math.log(3.0)
+    assert float(vals[(0,)]) == pytest.approx(0.75 * math.log(3.0) - math.log(2.0), abs=1e-6)  # H(1/2) - H(1/4)
+    assert float(vals[(1,)]) == pytest.approx(0.0, abs=1e-7)
+    assert float(loss.detach()) == pytest.approx(0.0, abs=1e-6)  # -J + J per modality
+    gz0, gz1, gw0, gw1, gb = torch.autograd.grad(loss, z + w + [b])
+    expect_w0 = [[-c], [c]] if fusion_in_game == "with_encoder" else [[0.0], [0.0]]
+    assert torch.allclose(gw0, torch.tensor(expect_w0), atol=1e-6)
+    assert torch.allclose(gw1, torch.zeros(2, 1), atol=1e-7)
+    assert torch.allclose(gb, torch.zeros(2), atol=1e-7)
+    e = 3.0 / 64.0 * math.log(3.0) ** 2
+    assert torch.allclose(gz0, torch.tensor([[-e], [e]]), atol=1e-6)
+    assert torch.allclose(gz1, torch.zeros(2, 1), atol=1e-7)
+
+
+def _manual_jsd_pert_path(z, w, b, base, perms, subset, wrt):
+    """Reference (no function under test but js_divergence): gradient of J_S w.r.t. ``wrt``
+    through the permuted logits only (base detached), rows built one by one."""
+    rows = []
+    for p in range(perms.shape[0]):
+        for i in range(perms.shape[1]):
+            row = b.clone()
+            for j in range(len(z)):
+                src = int(perms[p, i]) if j in subset else i
+                row = row + z[j][src] @ w[j].t()
+            rows.append(row)
+    pert = torch.stack(rows)
+    jsd = js_divergence(pert, base.detach().repeat(perms.shape[0], 1))
+    return torch.autograd.grad(jsd, wrt)
+
+
+def test_with_encoder_weight_blocks_play_with_their_encoders():
+    """Random M = 2 case: with_encoder gives W_0 the pert-path gradient -dJ0/dW_0 + dJ1/dW_0
+    (it ascends its own importance with encoder 0 and descends modality 1's), W_1 the mirror;
+    none gives the weight blocks nothing; the bias gets nothing in both; the encoders get the
+    same gradients in both readings."""
+    g = torch.Generator().manual_seed(5)
+    z = [torch.randn(6, 3, generator=g).requires_grad_(), torch.randn(6, 2, generator=g).requires_grad_()]
+    w = [torch.randn(4, 3, generator=g).requires_grad_(), torch.randn(4, 2, generator=g).requires_grad_()]
+    b = torch.randn(4, generator=g).requires_grad_()
+    perms = random_permutations(6, 3, generator=g)
+    grads = {}
+    for mode in ("none", "with_encoder"):
+        base = sum(zi @ wi.t() for zi, wi in zip(z, w)) + b
+        loss, _ = mcr_game_loss(z, w, b, base, perms, "greedy", 0.5, mode)
+        grads[mode] = torch.autograd.grad(loss, z + w + [b])
+    j0 = _manual_jsd_pert_path(z, w, b, sum(zi @ wi.t() for zi, wi in zip(z, w)) + b, perms, (0,), w)
+    j1 = _manual_jsd_pert_path(z, w, b, sum(zi @ wi.t() for zi, wi in zip(z, w)) + b, perms, (1,), w)
+    gw0, gw1 = grads["with_encoder"][2], grads["with_encoder"][3]
+    assert torch.allclose(gw0, 0.5 * (-j0[0] + j1[0]), atol=1e-6)
+    assert torch.allclose(gw1, 0.5 * (j0[1] - j1[1]), atol=1e-6)
+    assert float(gw0.abs().max()) > 1e-4 and float(gw1.abs().max()) > 1e-4
+    for k in (2, 3, 4):
+        assert float(grads["none"][k].abs().max()) < 1e-6
+    assert float(grads["with_encoder"][4].abs().max()) < 1e-6
+    for k in (0, 1):
+        assert torch.allclose(grads["none"][k], grads["with_encoder"][k], atol=1e-6)
+
+
+def test_trainer_fusion_layer_gets_game_gradient_only_with_encoder():
+    """Through the method's compute_loss on a tiny model: the game's own gradient on the fusion
+    weight (loss with lam_M minus loss without, same permutations) is non-zero only with
+    with_encoder; the fusion bias gets none in either reading."""
+    bundle = tiny_bundle(num_modalities=2, n=16)
+    res = {}
+    for mode in ("none", "with_encoder"):
+        grads = []
+        for lam in (0.0, 1.0):
+            torch.manual_seed(0)
+            tr = Trainer(tiny_config("mcr", ["method.num_samples=3", f"method.lam_M={lam}", "method.con_weight=0",
+                                            f"method.fusion_in_game={mode}"]), None, quiet=True, bundle=bundle)
+            b = next(iter(tr._batches(tr.bundle.train, range(16), 16)))
+            torch.manual_seed(1)
+            out = tr.method.compute_loss(tr.model, b, tr.ctx)
+            fc = tr.model.fusion.fc
+            grads.append(torch.autograd.grad(out.loss, [fc.weight, fc.bias]))
+        res[mode] = [g1 - g0 for g0, g1 in zip(*grads)]
+    assert float(res["none"][0].abs().max()) < 1e-6
+    assert float(res["with_encoder"][0].abs().max()) > 1e-5
+    assert float(res["none"][1].abs().max()) < 1e-6 and float(res["with_encoder"][1].abs().max()) < 1e-6
+
+
+# ------------------------------------------------------------------------------- subsets
+def test_game_subsets_lists():
+    assert game_subsets(2, "singles") == game_subsets(2, "all") == [(0,), (1,)]
+    assert game_subsets(3, "singles") == [(0,), (1,), (2,)]
+    assert game_subsets(3, "all") == [(0,), (1,), (2,), (0, 1), (0, 2), (1, 2)]
+    assert len(game_subsets(4, "all")) == 14  # 2^4 - 2: no empty set, no full set
+    with pytest.raises(ValueError, match="subsets"):
+        game_subsets(3, "pairs")
+
+
+def test_subset_permutation_rows_and_game():
+    g = torch.Generator().manual_seed(3)
+    z = [torch.randn(5, 2, generator=g).requires_grad_() for _ in range(3)]
+    w = [torch.randn(3, 2, generator=g).requires_grad_() for _ in range(3)]
+    b = torch.randn(3, generator=g).requires_grad_()
+    perms = random_permutations(5, 2, generator=g)
+    out = perturbed_logits(z, w, b, (0, 2), perms)
+    for p in range(2):
+        for i in range(5):
+            k = int(perms[p, i])  # one permutation shared by the whole subset
+            ref = z[0][k] @ w[0].t() + z[1][i] @ w[1].t() + z[2][k] @ w[2].t() + b
+            assert torch.allclose(out[p * 5 + i], ref, atol=1e-6)
+    base = sum(zi @ wi.t() for zi, wi in zip(z, w)) + b
+    single, vs = mcr_game_loss(z, w, b, base, perms, "greedy", 1.0, "none", "singles")
+    full, va = mcr_game_loss(z, w, b, base, perms, "greedy", 1.0, "none", "all")
+    assert set(vs) == {(0,), (1,), (2,)} and set(va) == set(vs) | {(0, 1), (0, 2), (1, 2)}
+    for s in vs:
+        assert torch.equal(vs[s], va[s])
+    # the pair (0, 2): own gives gradient to z_0 and z_2 through the permuted logits only, oth to z_1
+    own = perturbation_jsd(z, w, b, base.detach(), perms, (0, 2), "own")
+    gz = torch.autograd.grad(own, z, allow_unused=True)
+    assert gz[1] is None and gz[0] is not None and gz[2] is not None
+    oth = perturbation_jsd(z, w, b, base.detach(), perms, (0, 2), "oth")
+    gz = torch.autograd.grad(oth, z, allow_unused=True)
+    assert gz[0] is None and gz[2] is None and gz[1] is not None
+    # extra pair terms change the encoder gradients; the fusion layer still cancels under none
+    g_s = torch.autograd.grad(single, z + w + [b], retain_graph=True)
+    g_a = torch.autograd.grad(full, z + w + [b])
+    assert float((g_s[0] - g_a[0]).abs().max()) > 1e-5
+    assert all(float(g.abs().max()) < 1e-6 for g in g_a[3:])
+
+
+def test_three_modalities_all_subsets_train(tmp_path):
+    bundle = tiny_bundle(num_modalities=3, n=32)
+    cfg = tiny_config("mcr", ["train.epochs=1", "method.num_samples=2", "method.subsets=all"])
+    res = Trainer(cfg, tmp_path, quiet=True, bundle=bundle).fit()
+    assert math.isfinite(res["test"]["loss"])
+    row = (tmp_path / "metrics.jsonl").read_text().splitlines()[0]
+    assert '"game_terms": 6.0' in row and '"jsd_m1+m3"' in row
+
+
+def test_state_dict_loads_with_weights_only():
+    m = build_method("mcr", None, ["a", "b"], 3)
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    assert torch.load(buf, weights_only=True) == m.state_dict()

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from ..config import resolve_config
 from ..errors import ConfigError
 from ..methods import METHODS
-from ..training.trainer import Trainer
+from ..training.trainer import LAST_K as LATE_K, Trainer
 
 QUICK_DATASETS = ("synthetic",)
 
@@ -25,6 +25,9 @@ def flatten_result(res: Dict[str, Any]) -> Dict[str, Any]:
         row[f"zero_out_{m}"] = d.get("zero_out_accuracy")
         if "head_accuracy" in d:
             row[f"head_{m}"] = d["head_accuracy"]
+    for m, v in (res.get("val_zero_out_last_k") or {}).items():
+        if m != "k":
+            row[f"late_zero_out_{m}"] = v
     return row
 
 
@@ -43,7 +46,10 @@ def summarize(rows: List[Dict[str, Any]]) -> str:
     for ds in dict.fromkeys(r["dataset"] for r in rows):
         sub = [r for r in rows if r["dataset"] == ds]
         mod_cols = [k for k in sub[0] if k.startswith("zero_out_")]
-        header = ["method", "n", "accuracy", "macro-F1"] + [f"zero-out {c[9:]}" for c in mod_cols] + ["train s"]
+        late_cols = [f"late_{c}" for c in mod_cols]
+        header = (["method", "n", "accuracy", "macro-F1"] + [f"zero-out {c[9:]}" for c in mod_cols]
+                  + [f"val zero-out {c[9:]}, last {LATE_K}" for c in mod_cols]
+                  + ["samples/run", "best in warm-up", "train s"])
         out.append(f"### {ds}\n")
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "---|" * len(header))
@@ -51,6 +57,11 @@ def summarize(rows: List[Dict[str, Any]]) -> str:
             rs = [r for r in sub if r["method"] == method]
             cells = [method, str(len(rs)), _mean_std([r["accuracy"] for r in rs]), _mean_std([r["macro_f1"] for r in rs])]
             cells += [_mean_std([r.get(c) for r in rs]) for c in mod_cols]
+            cells += [_mean_std([r.get(c) for r in rs]) for c in late_cols]
+            samples = [r.get("samples_seen") for r in rs if r.get("samples_seen") is not None]
+            cells.append(f"{statistics.fmean(samples):.0f}" if samples else "-")
+            warm = [r.get("best_epoch_in_warmup") for r in rs]
+            cells.append("-" if all(w is None for w in warm) else f"{sum(bool(w) for w in warm)}/{len(rs)}")
             secs = [r["train_seconds"] for r in rs]
             cells.append(f"{statistics.fmean(secs):.1f}")
             out.append("| " + " | ".join(cells) + " |")

@@ -140,22 +140,38 @@ def smooth_min(values: Tensor, tau: float = 1.0, dim: int = -1) -> Tensor:
     return -tau * torch.logsumexp(-values / tau, dim=dim)
 
 
-def bmml_losses(phi: Tensor, phi_mi: Tensor, eps: float = 1e-8) -> Tuple[Tensor, Tensor]:
+def phi_denominator(phi_x: Tensor, floor: float = 0.0, eps: float = 1e-8) -> Tensor:
+    """Denominator of ``phi_m,i / phi_X,i`` (``L_phiCMI``, DFF ratios) with a batch-relative floor:
+
+    ``den_i = max(|phi_X,i|, floor * mean_j |phi_X,j|, eps)`` (``[B]``), the mean over the rows
+    of ``phi_x`` (one batch), the floor term detached. A sample whose joint contribution crosses
+    0 would otherwise divide by ~1e-8 and dominate the batch; with the floor, no row's
+    denominator is below ``floor`` times the batch's mean magnitude, so each row's term is at
+    most ``sum_m |phi_m,i - phi_X,i| / (floor * mean |phi_X|)``. ``floor=0`` is the absolute
+    guard alone (``|phi_X,i| + eps`` up to the eps placement: ``max(|phi_X,i|, eps)``)."""
+    mag = phi_x.abs()
+    ref = (floor * mag.detach().mean()) if floor > 0 else mag.new_zeros(())
+    return torch.maximum(mag, ref.clamp_min(eps).expand_as(mag))
+
+
+def bmml_losses(phi: Tensor, phi_mi: Tensor, eps: float = 1e-8, floor: float = 0.0) -> Tuple[Tensor, Tensor]:
     """Balanced min-max losses: ``L_phiMI = mean_i (1 - phi^MI_i)`` (Eq. 14) and
-    ``L_phiCMI = mean_i sum_m |phi_m,i - phi_X,i| / (|phi_X,i| + eps)`` (Eq. 15; the absolute
-    value in the denominator only matters when interaction terms make ``phi_X`` negative)."""
+    ``L_phiCMI = mean_i sum_m |phi_m,i - phi_X,i| / den_i`` (Eq. 15) with ``den_i`` of
+    :func:`phi_denominator` (the absolute value only matters when interaction terms make
+    ``phi_X`` negative; ``floor`` makes the guard relative to the batch)."""
     phi_x = joint_contribution(phi)
     l_mi = (1.0 - phi_mi).mean()
-    l_cmi = ((phi - phi_x.unsqueeze(1)).abs().sum(1) / (phi_x.abs() + eps)).mean()
+    l_cmi = ((phi - phi_x.unsqueeze(1)).abs().sum(1) / phi_denominator(phi_x, floor, eps)).mean()
     return l_mi, l_cmi
 
 
-def contribution_ratios(phi: Tensor, eps: float = 1e-8) -> Tensor:
-    """Per-sample paper fusion weights ``phi_m,i / phi_X,i`` (Eq. 13): [B, M] (detached)."""
+def contribution_ratios(phi: Tensor, eps: float = 1e-8, floor: float = 0.0) -> Tensor:
+    """Per-sample paper fusion weights ``phi_m,i / phi_X,i`` (Eq. 13): [B, M] (detached); the
+    sign of ``phi_X,i`` is kept, its magnitude floored by :func:`phi_denominator`."""
     phi = phi.detach()
-    phi_x = joint_contribution(phi).unsqueeze(1)
+    phi_x = joint_contribution(phi)
     sign = torch.where(phi_x >= 0, 1.0, -1.0).to(phi.dtype)
-    return phi / (sign * phi_x.abs().clamp_min(eps))
+    return phi / (sign * phi_denominator(phi_x, floor, eps)).unsqueeze(1)
 
 
 def inverse_ratio_weights(phi_batch: Tensor, eps: float = 1e-8) -> Tensor:
@@ -169,9 +185,58 @@ def inverse_ratio_weights(phi_batch: Tensor, eps: float = 1e-8) -> Tensor:
     return others / den
 
 
+NORMALISE = ("none", "rank", "minmax")
+
+
+def normalise_contributions(phi_joint: Tensor, mode: str = "none", m: float = 2.0) -> Tensor:
+    """Map the epoch's joint contributions onto ``[0, m]`` before DSR (NaN = not seen, kept NaN):
+
+    * ``"none"``: unchanged (the paper as printed: it assumes ``phi_X`` already spans
+      ``[0, m]``; the histogram estimates are ~0.03-0.16, so every sample gets ``round(-k m)``
+      extra copies);
+    * ``"minmax"``: ``m (phi - min) / (max - min)`` over the seen samples (all equal -> ``m``:
+      no information, no extra copies);
+    * ``"rank"``: ``m r / (n - 1)`` with ``r`` the 0-based rank among the ``n`` seen samples,
+      ties sharing their average rank (one seen sample -> ``m``)."""
+    phi = phi_joint.detach().double()
+    if mode == "none":
+        return phi
+    seen = ~torch.isnan(phi)
+    out = torch.full_like(phi, float("nan"))
+    v = phi[seen]
+    n = v.numel()
+    if n == 0:
+        return out
+    if mode == "minmax":
+        lo, hi = v.min(), v.max()
+        out[seen] = torch.full_like(v, m) if float(hi - lo) <= 0 else m * (v - lo) / (hi - lo)
+    elif mode == "rank":
+        if n == 1:
+            out[seen] = torch.full_like(v, m)
+        else:
+            uniq, inverse, counts = torch.unique(v, sorted=True, return_inverse=True, return_counts=True)
+            start = torch.cumsum(counts, 0) - counts
+            avg = start.double() + (counts.double() - 1) / 2
+            out[seen] = m * avg[inverse] / (n - 1)
+    else:
+        raise ValueError(f"mode must be one of {NORMALISE}, got '{mode}'")
+    return out
+
+
 def resample_counts(phi_joint: Tensor, k: float = -2.0, m: float = 2.0) -> Tensor:
-    """DSR extra copies ``s(X) = max(0, round(k phi_X - k m))`` (Eq. 18, Table 5): long [N]."""
-    return torch.round(k * phi_joint.detach() - k * m).clamp_min(0).long()
+    """DSR extra copies ``s(X) = max(0, round(k phi_X - k m))`` (Eq. 18, Table 5): long [N];
+    a NaN (sample not seen) gets 0. ``torch.round`` rounds halves to even."""
+    phi = phi_joint.detach()
+    s = torch.round(k * phi - k * m)
+    return torch.where(torch.isnan(s), torch.zeros_like(s), s).clamp_min(0).long()
+
+
+def copies_histogram(counts: Tensor, max_copies: int) -> Tensor:
+    """Number of samples with ``0, 1, ..., max_copies`` extra copies and, last, with more: long
+    ``[max_copies + 2]``."""
+    c = counts.detach().long().cpu()
+    h = torch.bincount(c.clamp_max(max_copies + 1), minlength=max_copies + 2)
+    return h
 
 
 def resampled_order(counts: Tensor, generator: torch.Generator) -> Tensor:

@@ -3,19 +3,33 @@
 * :func:`js_divergence` -- Jensen-Shannon divergence between the softmaxes of two logit tensors
   (natural log, ``batchmean`` over rows; range ``[0, ln 2]``), as ``get_perturbed_gradients``.
 * :func:`random_permutations` / :func:`perturbed_logits` -- latent-space permutation of one
-  modality's contribution to a linear late fusion ``y = sum_m z_m W_m^T + b`` (features re-used,
-  no extra encoder pass; the bias is kept in the perturbed logits).
+  modality's (or one subset's, jointly) contribution to a linear late fusion
+  ``y = sum_m z_m W_m^T + b`` (features re-used, no extra encoder pass; the bias is kept in the
+  perturbed logits).
 * :func:`perturbation_jsd` -- one JSD term in one of the three detach variants (``own``: only
-  the permuted modality's feature carries gradient; ``oth``: the permuted modality's feature is
-  detached, all others carry gradient; ``all``: nothing detached).
-* :func:`mcr_game_loss` -- the game of spec §3.5.4 realised by those detach patterns.
+  the permuted modalities carry gradient; ``oth``: the permuted modalities are detached, all
+  others carry gradient; ``all``: nothing detached).
+* :func:`game_subsets` / :func:`mcr_game_loss` -- the game of spec §3.5.4 realised by those
+  detach patterns, over single modalities or over every non-empty proper subset.
+
+What a detach covers (``fusion_in_game``):
+
+* ``"none"``: the *feature* ``z_m`` is detached and the product ``z_m W_m^T`` is recomputed, so
+  the weight block ``W_m`` always carries gradient; under ``greedy`` its gradients from the
+  ``own`` and ``oth`` terms are equal and opposite, so the fusion layer gets no game gradient.
+* ``"with_encoder"``: the *product* ``z_m W_m^T`` is detached (the authors' ``MCR_Model``
+  ``_forward_main``: ``pred_a = z_a W_0^T`` then ``pred_a.detach()``), so ``W_m`` receives
+  exactly the game gradient its encoder receives: each weight block plays with its encoder.
+  The encoders' gradients are the same in both readings (``W`` itself is never detached in
+  ``none``, and ``z`` enters the product linearly).
 * :func:`supervised_nt_xent` -- ``pytorch_metric_learning``'s ``NTXentLoss`` with labels
   (cosine similarity, every same-label pair except self a positive, every different-label pair a
   negative, mean over positive pairs).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+import itertools
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +37,8 @@ from torch import Tensor
 
 STRATEGIES = ("greedy", "independent", "collaborative")
 VARIANTS = ("own", "oth", "all")
+FUSION_IN_GAME = ("none", "with_encoder")
+SUBSETS = ("singles", "all")
 
 
 def js_divergence(logits_p: Tensor, logits_q: Tensor, clamp: float = 1e7) -> Tensor:
@@ -42,67 +58,105 @@ def random_permutations(batch_size: int, num: int, device=None, generator: Optio
     return r.argsort(dim=1).to(device)
 
 
-def _contribution(z: Tensor, w: Tensor, detach: bool) -> Tensor:
-    return (z.detach() if detach else z) @ w.t()
+def _contribution(z: Tensor, w: Tensor, detach: bool, fusion_in_game: str = "none") -> Tensor:
+    if not detach:
+        return z @ w.t()
+    if fusion_in_game == "none":
+        return z.detach() @ w.t()
+    if fusion_in_game == "with_encoder":
+        return (z @ w.t()).detach()
+    raise ValueError(f"fusion_in_game must be one of {FUSION_IN_GAME}, got '{fusion_in_game}'")
+
+
+def _as_subset(m: Union[int, Sequence[int]]) -> Tuple[int, ...]:
+    return (int(m),) if isinstance(m, int) else tuple(sorted(int(i) for i in m))
 
 
 def perturbed_logits(features: Sequence[Tensor], weights: Sequence[Tensor], bias: Optional[Tensor],
-                     m: int, perms: Tensor, detach: Sequence[bool] = ()) -> Tensor:
-    """Logits of the linear late fusion with modality ``m``'s feature permuted by each row of
-    ``perms`` (``[P, B]``): row ``p * B + i`` is
-    ``z_m[perms[p, i]] W_m^T + sum_{j != m} z_j[i] W_j^T + b`` (shape ``[P * B, K]``).
-    ``detach[j]`` detaches feature ``j`` (the weights and bias always carry gradient)."""
+                     m: Union[int, Sequence[int]], perms: Tensor, detach: Sequence[bool] = (),
+                     fusion_in_game: str = "none") -> Tensor:
+    """Logits of the linear late fusion with modality ``m`` (or every modality of the subset
+    ``m``, jointly -- one permutation for all of them) permuted by each row of ``perms``
+    (``[P, B]``): row ``p * B + i`` is
+    ``sum_{j in S} z_j[perms[p, i]] W_j^T + sum_{j not in S} z_j[i] W_j^T + b`` (``[P * B, K]``).
+    ``detach[j]`` detaches feature ``j`` (``fusion_in_game="none"``: the weights keep gradient)
+    or the product ``z_j W_j^T`` (``"with_encoder"``); the bias always carries gradient."""
+    subset = _as_subset(m)
     detach = list(detach) or [False] * len(features)
     num = perms.shape[0]
+    flat = perms.reshape(-1)
     out = None
     for j, (z, w) in enumerate(zip(features, weights)):
-        c = _contribution(z, w, detach[j])
-        c = c[perms.reshape(-1)] if j == m else c.repeat(num, 1)
+        c = _contribution(z, w, detach[j], fusion_in_game)
+        c = c[flat] if j in subset else c.repeat(num, 1)
         out = c if out is None else out + c
     if bias is not None:
         out = out + bias
     return out
 
 
-def variant_detach(m: int, num_modalities: int, variant: str) -> Tuple[bool, ...]:
-    """Which features are detached: ``own`` -- all but ``m`` (gradient to encoder m only);
-    ``oth`` -- ``m`` only (gradient to every other encoder); ``all`` -- none."""
+def variant_detach(m: Union[int, Sequence[int]], num_modalities: int, variant: str) -> Tuple[bool, ...]:
+    """Which features are detached for the permuted modality (or subset) ``m``: ``own`` -- all
+    outside it (gradient to its encoders only); ``oth`` -- those in it (gradient to every other
+    encoder); ``all`` -- none."""
+    subset = _as_subset(m)
     if variant == "own":
-        return tuple(j != m for j in range(num_modalities))
+        return tuple(j not in subset for j in range(num_modalities))
     if variant == "oth":
-        return tuple(j == m for j in range(num_modalities))
+        return tuple(j in subset for j in range(num_modalities))
     if variant == "all":
         return (False,) * num_modalities
     raise ValueError(f"variant must be one of {VARIANTS}, got '{variant}'")
 
 
+def game_subsets(num_modalities: int, subsets: str = "singles") -> List[Tuple[int, ...]]:
+    """The permuted sets of the game: ``singles`` -- ``(0,), (1,), ...`` (|S| = 1, the paper's
+    default); ``all`` -- every non-empty *proper* subset, by size then lexicographically (paper
+    App. A.5). The full set is left out: permuting every modality jointly leaves no opponent
+    (the ``oth`` term would have no gradient but the base path) and only reorders the batch.
+    With two modalities both give the two singles."""
+    if subsets == "singles":
+        return [(m,) for m in range(num_modalities)]
+    if subsets == "all":
+        return [c for r in range(1, num_modalities) for c in itertools.combinations(range(num_modalities), r)]
+    raise ValueError(f"subsets must be one of {SUBSETS}, got '{subsets}'")
+
+
 def perturbation_jsd(features: Sequence[Tensor], weights: Sequence[Tensor], bias: Optional[Tensor],
-                     base_logits: Tensor, perms: Tensor, m: int, variant: str = "all") -> Tensor:
-    """``JSD(perturbed logits with m permuted, base logits repeated P times)``; the base logits
-    are not detached (as the code)."""
-    pert = perturbed_logits(features, weights, bias, m, perms, variant_detach(m, len(features), variant))
+                     base_logits: Tensor, perms: Tensor, m: Union[int, Sequence[int]], variant: str = "all",
+                     fusion_in_game: str = "none") -> Tensor:
+    """``JSD(perturbed logits with m (a modality or a subset) permuted, base logits repeated P
+    times)``; the base logits are not detached (as the code)."""
+    pert = perturbed_logits(features, weights, bias, m, perms, variant_detach(m, len(features), variant),
+                            fusion_in_game)
     return js_divergence(pert, base_logits.repeat(perms.shape[0], 1))
 
 
 def mcr_game_loss(features: Sequence[Tensor], weights: Sequence[Tensor], bias: Optional[Tensor],
                   base_logits: Tensor, perms: Tensor, strategy: str = "greedy",
-                  lam: float = 1.0) -> Tuple[Tensor, Dict[int, Tensor]]:
-    """The MCR game term (spec §3.5.4), summed over modalities m:
+                  lam: float = 1.0, fusion_in_game: str = "none",
+                  subsets: str = "singles") -> Tuple[Tensor, Dict[Tuple[int, ...], Tensor]]:
+    """The MCR game term (spec §3.5.4), summed over the permuted sets S of
+    :func:`game_subsets`:
 
-    * ``greedy``: ``lam * sum_m (-J_m^own + J_m^oth)`` -- encoder m maximises its own
+    * ``greedy``: ``lam * sum_S (-J_S^own + J_S^oth)`` -- the encoders in S maximise S's
       permutation importance, every other encoder minimises it; the two terms have equal values
-      and equal gradients w.r.t. the fusion layer and the base logits, which cancel exactly.
-    * ``independent``: ``-lam * sum_m J_m^own`` (the fusion layer and the base get gradients).
-    * ``collaborative``: ``-lam * sum_m J_m^all`` (every parameter).
+      and equal gradients w.r.t. the bias and the base logits, which cancel exactly (and w.r.t.
+      the weight blocks too when ``fusion_in_game="none"``; with ``"with_encoder"`` each block
+      ``W_m`` moves with its encoder).
+    * ``independent``: ``-lam * sum_S J_S^own`` (the fusion layer and the base get gradients).
+    * ``collaborative``: ``-lam * sum_S J_S^all`` (every parameter).
 
-    Returns ``(loss, {m: J_m value (detached)})``."""
+    Returns ``(loss, {S: J_S value (detached)})`` with ``S`` a sorted tuple of modality indices."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got '{strategy}'")
+    if fusion_in_game not in FUSION_IN_GAME:
+        raise ValueError(f"fusion_in_game must be one of {FUSION_IN_GAME}, got '{fusion_in_game}'")
     total = base_logits.new_zeros((), dtype=torch.float32)
-    values: Dict[int, Tensor] = {}
-    for m in range(len(features)):
+    values: Dict[Tuple[int, ...], Tensor] = {}
+    for s in game_subsets(len(features), subsets):
         def jsd(variant: str) -> Tensor:
-            return perturbation_jsd(features, weights, bias, base_logits, perms, m, variant)
+            return perturbation_jsd(features, weights, bias, base_logits, perms, s, variant, fusion_in_game)
         if strategy == "greedy":
             own = jsd("own")
             term = -own + jsd("oth")
@@ -112,7 +166,7 @@ def mcr_game_loss(features: Sequence[Tensor], weights: Sequence[Tensor], bias: O
         else:
             own = jsd("all")
             term = -own
-        values[m] = own.detach()
+        values[s] = own.detach()
         total = total + term
     return lam * total, values
 

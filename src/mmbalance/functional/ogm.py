@@ -1,9 +1,9 @@
 """OGM-GE's modulation coefficients and GE noise (Peng et al., CVPR 2022), as pure functions.
 
-* :func:`discrepancy_ratios` / :func:`ogm_coefficients_from_scores` / :func:`ogm_coefficients` --
-  host (float) forms, the reference for the tensor form.
-* :func:`ogm_coefficient_tensor` -- the same coefficients as a ``[M]`` tensor on the scores'
-  device (no host synchronisation; what the method uses).
+* :func:`discrepancy_ratio_tensor` / :func:`ogm_coefficient_tensor` -- rho and the coefficients
+  as ``[M]`` tensors on the scores' device (no host synchronisation; what the method uses);
+  :func:`discrepancy_ratios` / :func:`ogm_coefficients_from_scores` / :func:`ogm_coefficients`
+  give the same by modality name, as floats.
 * :func:`ge_seed` / :func:`ge_generator` -- the per-step generator of the GE noise.
 * :func:`modulate_gradient` -- ``grad * k`` (+ ``N(0, std(grad) + 1e-8)`` noise for GE), with the
   std kept as a tensor and the noise drawn on the gradient's device.
@@ -19,41 +19,45 @@ from torch import Tensor
 from .scores import modality_scores
 
 
-def discrepancy_ratios(scores: Mapping[str, float | Tensor]) -> Dict[str, float]:
-    """rho_m = score_m / mean_{j != m} score_j. With two modalities this is OGM-GE's
+def discrepancy_ratio_tensor(scores: Tensor) -> Tensor:
+    """``rho_m = s_m / mean_{j != m} s_j`` for a ``[M]`` tensor of scores (``inf`` where that
+    mean is 0), on the scores' device, in float32. With two modalities this is OGM-GE's
     ``ratio_v = score_v / score_a`` and ``ratio_a = 1 / ratio_v``."""
-    vals = {m: float(s) for m, s in scores.items()}
-    out = {}
-    for m, s in vals.items():
-        others = [v for k, v in vals.items() if k != m]
-        denom = sum(others) / len(others)
-        out[m] = s / denom if denom > 0 else math.inf
-    return out
+    s = scores.detach().float()
+    n = s.numel()
+    if n < 2:
+        raise ValueError(f"OGM needs at least two modality scores, got {n}")
+    others = (s.sum() - s) / (n - 1)
+    return torch.where(others > 0, s / others, torch.full_like(s, math.inf))
+
+
+def ogm_coefficient_tensor(scores: Tensor, alpha: float) -> Tensor:
+    """``k_m = 1 - tanh(alpha rho_m)`` where ``rho_m > 1`` (the dominant modality), else 1, as a
+    ``[M]`` tensor on the scores' device (no host synchronisation; what the method uses)."""
+    rho = discrepancy_ratio_tensor(scores)
+    return torch.where(rho > 1.0, 1.0 - torch.tanh(alpha * rho), torch.ones_like(rho))
+
+
+def _by_name(fn, scores: Mapping[str, float | Tensor], *args) -> Dict[str, float]:
+    names = list(scores)
+    values = fn(torch.tensor([float(scores[m]) for m in names]), *args)
+    return dict(zip(names, values.tolist()))
+
+
+def discrepancy_ratios(scores: Mapping[str, float | Tensor]) -> Dict[str, float]:
+    """:func:`discrepancy_ratio_tensor` by modality name, as floats (logging, tests)."""
+    return _by_name(discrepancy_ratio_tensor, scores)
 
 
 def ogm_coefficients_from_scores(scores: Mapping[str, float | Tensor], alpha: float) -> Dict[str, float]:
-    """k_m = 1 - tanh(alpha * rho_m) for a modality with rho_m > 1 (the dominant one), else 1."""
-    rho = discrepancy_ratios(scores)
-    return {m: (1.0 - math.tanh(alpha * r)) if r > 1.0 else 1.0 for m, r in rho.items()}
+    """:func:`ogm_coefficient_tensor` by modality name, as floats."""
+    return _by_name(ogm_coefficient_tensor, scores, alpha)
 
 
 def ogm_coefficients(modality_logits: Mapping[str, Tensor], labels: Tensor, alpha: float) -> Dict[str, float]:
     """Coefficients from per-modality logits (W-split with b/M for concat fusion)."""
     with torch.no_grad():
         return ogm_coefficients_from_scores(modality_scores(modality_logits, labels), alpha)
-
-
-def ogm_coefficient_tensor(scores: Tensor, alpha: float) -> Tensor:
-    """:func:`ogm_coefficients_from_scores` on a ``[M]`` tensor of scores, staying on its device:
-    ``rho_m = s_m / mean_{j != m} s_j`` (``inf`` where that mean is 0), ``k_m = 1 - tanh(alpha
-    rho_m)`` where ``rho_m > 1``, else 1. Computed in float32."""
-    s = scores.detach().float()
-    n = s.numel()
-    if n < 2:
-        raise ValueError(f"OGM needs at least two modality scores, got {n}")
-    others = (s.sum() - s) / (n - 1)
-    rho = torch.where(others > 0, s / others, torch.full_like(s, math.inf))
-    return torch.where(rho > 1.0, 1.0 - torch.tanh(alpha * rho), torch.ones_like(s))
 
 
 def ge_seed(seed: int, step: int) -> int:

@@ -16,16 +16,31 @@ Per batch (one encoder pass, features ``z_m`` re-used everywhere)::
 * Fusion: linear late fusion ``y_hat = sum_m z_m W_m^T + b`` = the W-split of the concat head
   (``model.fusion=concat``, the only fusion accepted; others raise ``MethodSetupError``).
 * ``L_game``: ``P = num_samples`` random permutations of the batch (no filtering) applied in
-  latent space to one modality at a time; the perturbed logits keep the bias; ``J_m`` = JSD
-  (natural log, batchmean, [0, ln 2]) between perturbed and (non-detached) base logits. The game
-  is realised by detach patterns only (spec §3.5.4): ``strategy=greedy`` (default)
-  ``lam_M * sum_m (-J_m^own + J_m^oth)``; ``independent`` ``-lam_M * sum_m J_m^own``;
-  ``collaborative`` ``-lam_M * sum_m J_m^all``. With greedy the fusion layer (weights and bias)
-  and the base logits get no gradient from the game: encoder m maximises its own permutation
-  importance, the other encoders minimise it.
-* M > 2 (paper App. A.5): ``own`` = m permuted with every other feature detached; ``oth`` = m
-  permuted with m's feature detached (gradient to all other encoders). Only single-modality
-  permutations (|S| = 1, the paper's default); subset permutations are not implemented.
+  latent space to one modality (or one subset, below) at a time; the perturbed logits keep the
+  bias; ``J_m`` = JSD (natural log, batchmean, [0, ln 2]) between perturbed and (non-detached)
+  base logits. The game is realised by detach patterns only (spec §3.5.4): ``strategy=greedy``
+  (default) ``lam_M * sum_m (-J_m^own + J_m^oth)``; ``independent`` ``-lam_M * sum_m J_m^own``;
+  ``collaborative`` ``-lam_M * sum_m J_m^all``. With greedy the bias and the base logits get no
+  gradient from the game (the weight blocks: see ``fusion_in_game``): encoder m maximises its
+  own permutation importance, the other encoders minimise it.
+* ``fusion_in_game`` -- what a detach covers. ``with_encoder`` (default; the authors'
+  ``MCR_Model``): the product ``z_m W_m^T`` is detached, so the weight block ``W_m`` plays on its
+  encoder's side (greedy: ``W_m`` ascends ``J_m`` with encoder m and descends every other
+  ``J_j``; the bias and the base logits still cancel). ``none`` (mmbalance's first reading,
+  spec §3.5.4's "features" wording): only the feature ``z_m`` is detached, the weight blocks'
+  gradients from ``own`` and ``oth`` cancel and the fusion layer gets no game gradient. The
+  encoders' gradients are identical in both. Default chosen on the synthetic sweep
+  (``docs/mcr_game_sweep.md``, 4 points x 3 seeds): fused accuracy within the seed noise
+  (-0.46 to +0.42 points) and a higher, far more stable zero-out accuracy of the weak modality
+  x2 at every point (+3.1 to +7.7 points; std 0.2-1.2 instead of 3.8-10.2; S=0.6, U1=0.3:
+  73.2 +- 0.5 vs 69.0 +- 5.5).
+* M > 2 (paper App. A.5): for a permuted set S, ``own`` = S permuted (one permutation for all
+  of S) with every feature outside S detached; ``oth`` = S permuted with S's features detached
+  (gradient to all other encoders). ``subsets=singles`` (default, the paper's |S| = 1) uses the
+  M single modalities; ``subsets=all`` every non-empty proper subset (2^M - 2 terms; the full
+  set has no opponent and only reorders the batch, so it is left out). With two modalities the
+  two are the same. The number of game terms is logged per step as ``game_terms`` (M under
+  ``singles``: results are "singles only").
 * ``L_Con``: supervised NT-Xent (pml ``NTXentLoss`` semantics) on the raw encoder features of all
   modalities with labels repeated; temperature 0.5, weight 1.
 * ``L_CEB``: ``g = Linear(K, d, bias=False) -> ReLU -> Linear(d, sum_m d_m, bias=False)`` on the
@@ -49,8 +64,9 @@ DECISIONS / deviations (each with its switch):
   that methods stay comparable under one optimiser. MOSI/MOSEI are regression (L1) in the
   authors' code; here they are whatever classification task the dataset loader defines.
 * Permutations are drawn from torch's global RNG (seeded by the trainer each epoch).
-* Logged diagnostics (not trained): ``jsd_<m>`` and ``perm_acc_<m>`` = accuracy of the fused
-  prediction with m permuted divided by the accuracy of the fused prediction.
+* Logged diagnostics (not trained): ``jsd_<m>`` (``jsd_<m1>+<m2>`` for subsets) and
+  ``perm_acc_<m>`` = accuracy of the fused prediction with m permuted divided by the accuracy
+  of the fused prediction (single modalities only), ``game_terms``.
 """
 from __future__ import annotations
 
@@ -62,7 +78,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MethodSetupError
-from ..functional.mcr import STRATEGIES, mcr_game_loss, perturbed_logits, random_permutations, supervised_nt_xent
+from ..functional.mcr import (FUSION_IN_GAME, STRATEGIES, SUBSETS, mcr_game_loss, perturbed_logits, random_permutations,
+                              supervised_nt_xent)
 from ..models.fusion import ConcatFusion
 from ..models.multimodal import ModelOutput
 from ..models.resnet import ogm_init
@@ -80,6 +97,8 @@ class MCROptions:
     con_projection: str = "auto"  # auto (only when feature sizes differ) | always | never
     ceb_weight: float = 0.0  # reconstruction (CEB) head weight
     start_epoch: int = 0  # game active from this epoch (code: starting_epoch 0)
+    fusion_in_game: str = "with_encoder"  # with_encoder (authors' MCR_Model) | none (features only)
+    subsets: str = "singles"  # singles (|S| = 1) | all (every non-empty proper subset; M > 2)
 
     def validate(self):
         errs = []
@@ -87,6 +106,12 @@ class MCROptions:
             errs.append(f"strategy must be one of {', '.join(STRATEGIES)}, got '{self.strategy}'")
         if self.con_projection not in ("auto", "always", "never"):
             errs.append(f"con_projection must be auto, always or never, got '{self.con_projection}'")
+        if self.fusion_in_game not in FUSION_IN_GAME:
+            errs.append(f"fusion_in_game must be one of {', '.join(FUSION_IN_GAME)}, got '{self.fusion_in_game}'")
+        if self.subsets not in SUBSETS:
+            errs.append(f"subsets must be one of {', '.join(SUBSETS)}, got '{self.subsets}'")
+        if self.start_epoch < 0:
+            errs.append(f"start_epoch must be >= 0, got {self.start_epoch}")
         if self.num_samples < 1:
             errs.append(f"num_samples must be >= 1, got {self.num_samples}")
         if self.temperature <= 0:
@@ -162,14 +187,16 @@ class MCR(Method):
             ws = [blocks[m] for m in self.modalities]
             bias = model.fusion.fc.bias
             perms = random_permutations(len(y), o.num_samples, device=logits.device)
-            game, jsd = mcr_game_loss(zs, ws, bias, logits, perms, o.strategy, o.lam_M)
+            game, jsd = mcr_game_loss(zs, ws, bias, logits, perms, o.strategy, o.lam_M, o.fusion_in_game, o.subsets)
             loss = loss + game
             logs["loss_game"] = float(game.detach())
+            logs["game_terms"] = float(len(jsd))
             with torch.no_grad():
                 base_acc = float((logits.argmax(1) == y).float().mean())
                 yr = y.repeat(o.num_samples)
+                for subset, v in jsd.items():
+                    logs["jsd_" + "+".join(self.modalities[i] for i in subset)] = float(v)
                 for i, m in enumerate(self.modalities):
-                    logs[f"jsd_{m}"] = float(jsd[i])
                     pert = perturbed_logits(zs, ws, bias, i, perms)
                     acc = float((pert.argmax(1) == yr).float().mean())
                     logs[f"perm_acc_{m}"] = acc / base_acc if base_acc > 0 else 0.0
