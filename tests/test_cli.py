@@ -37,10 +37,13 @@ def test_bench_writes_csv_and_markdown(tmp_path, capsys):
 
 
 def test_summarize_mean_std():
-    rows = [{"dataset": "d", "method": "m", "accuracy": a, "macro_f1": 0.5, "zero_out_a": 0.1, "train_seconds": 1.0}
-            for a in (0.5, 0.7)]
+    rows = [{"dataset": "d", "method": "m", "accuracy": a, "macro_f1": 0.5, "zero_out_a": 0.1, "train_seconds": 1.0,
+             "late_zero_out_a": late, "samples_seen": 300, "best_epoch_in_warmup": warm}
+            for a, late, warm in ((0.5, 0.2, True), (0.7, 0.4, False))]
     md = summarize(rows)
-    assert "| m | 2 | 60.00 ± 14.14 | 50.00 ± 0.00 | 10.00 ± 0.00 | 1.0 |" in md
+    assert "| m | 2 | 60.00 ± 14.14 | 50.00 ± 0.00 | 10.00 ± 0.00 | 30.00 ± 14.14 | 300 | 1/2 | 1.0 |" in md
+    rows = [{k: v for k, v in r.items() if k not in ("late_zero_out_a", "best_epoch_in_warmup")} for r in rows]
+    assert "| 10.00 ± 0.00 | - | 300 | - | 1.0 |" in summarize(rows)
 
 
 def test_overrides_may_be_interleaved_with_options(tmp_path):
