@@ -55,13 +55,32 @@ def scatter_by_index(values: Tensor, index: Tensor, size: int) -> Tensor:
     return all_reduce_sum(table)
 
 
-def init_from_env(backend: str = "gloo") -> bool:
-    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1)."""
+def init_from_env(backend: str = "auto") -> bool:
+    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1).
+
+    ``auto``: gloo where there is no GPU; with GPUs, torch's two-backend group
+    ``cpu:gloo,cuda:nccl`` (collectives on CUDA tensors use NCCL, those on CPU tensors gloo) and
+    this process's GPU is ``cuda:LOCAL_RANK``.
+    """
     import os
     if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
+    if backend == "auto":
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
     dist.init_process_group(backend=backend)
     return True
+
+
+def local_rank() -> int:
+    import os
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
 
 
 def shutdown() -> None:

@@ -97,10 +97,14 @@ def build_scheduler(cfg: Config, optimizer, epochs: int):
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` = CUDA when available; under torchrun ``cuda`` means this process's GPU
+    (``cuda:LOCAL_RANK``)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name} but no CUDA device is available; use train.device=cpu")
+    if name == "cuda" and D.is_distributed():
+        return torch.device(f"cuda:{D.local_rank()}")
     return torch.device(name)
 
 
@@ -313,15 +317,18 @@ class Trainer:
 
     def _prepare_out(self, resume: bool) -> None:
         out = self.out
-        if out is None or not self.is_main:
+        if out is None:
             return
         if out.exists() and not out.is_dir():
             raise MMBalanceError(f"output path '{out}' exists and is not a folder")
         held = [f for f in RUN_FILES if (out / f).exists()]
+        if held and not resume and not self.overwrite:  # every process refuses, before any writes
+            raise MMBalanceError(f"'{out}' already holds a run ({', '.join(held)}); pass --overwrite "
+                                 f"(overwrite=True) to replace it, or --resume {out} to continue it")
+        D.barrier()
+        if not self.is_main:
+            return
         if held and not resume:
-            if not self.overwrite:
-                raise MMBalanceError(f"'{out}' already holds a run ({', '.join(held)}); pass --overwrite "
-                                     f"(overwrite=True) to replace it, or --resume {out} to continue it")
             for f in held:
                 p = out / f
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
