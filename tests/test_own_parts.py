@@ -1,7 +1,6 @@
 """Your own encoders, data and loop: the public surface of issue "Your own model, data and loop"."""
 from __future__ import annotations
 
-import json
 from dataclasses import fields
 
 import numpy as np

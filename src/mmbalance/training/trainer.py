@@ -24,7 +24,7 @@ from ..data.base import DataBundle
 from ..data.batch import Batch
 from ..errors import ConfigError, MMBalanceError
 from ..evaluation import evaluate
-from ..methods.base import LossOutput, Method, TrainContext
+from ..methods.base import LossOutput, TrainContext
 from ..models.multimodal import MultimodalModel
 from .build import RunParts, build_run, seed_everything
 from .checkpoint import load_checkpoint, save_checkpoint, write_text
