@@ -69,7 +69,7 @@ def _read_csv(path: Path):
     rows = []
     for r in csv.DictReader(open(path)):
         for k, v in r.items():
-            if k not in ("dataset", "method") and v not in ("", None):
+            if k not in ("dataset", "method", "best_epoch_in_warmup") and v not in ("", None):
                 r[k] = float(v)
         rows.append(r)
     return rows
@@ -102,6 +102,21 @@ def report(rows, methods, seeds) -> str:
     lines += ["", "## Zero-out accuracy of the weak modality x2", "",
               "x2 carries the label on S + U2 of the samples, so its ceiling falls along the sweep.", ""]
     lines += _table(rows, methods, "zero_out_x2")
+    if any("late_zero_out_x2" in r for r in rows):
+        lines += ["", "## Val zero-out accuracy of x2, mean of the last 5 epochs", "",
+                  "The best checkpoint can sit on a warm-up epoch; this is what the method leaves x2 with "
+                  "at the end of training.", ""]
+        lines += _table(rows, methods, "late_zero_out_x2")
+        lines += ["", "## Seeds whose best checkpoint lies inside the method's warm-up", "",
+                  "| method | " + " | ".join(f"S={s}, U1={u}" for s, u in POINTS) + " |", "|---|" + "---|" * len(POINTS)]
+        for m in methods:
+            cells = []
+            for s, u in POINTS:
+                w = [r.get("best_epoch_in_warmup") for r in rows if r["method"] == m and r["shared"] == s
+                     and r["unique1"] == u]
+                known = [x for x in w if x not in (None, "")]
+                cells.append("-" if not known else f"{sum(x in (True, 1.0, 'True') for x in known)}/{len(w)}")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

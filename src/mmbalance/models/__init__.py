@@ -19,7 +19,5 @@ def build_model(modalities, input_shapes, num_classes, model_cfg, encoder_hints=
     dims = {m: e.out_dim for m, e in encoders.items()}
     fusion = build_fusion(model_cfg.fusion, dims, num_classes, model_cfg.fusion_hidden)
     ogm_init(fusion)
-    model = MultimodalModel(encoders, fusion, num_classes, heads=model_cfg.unimodal_heads if heads is None else heads)
-    if model.heads is not None:
-        ogm_init(model.heads)
-    return model
+    # heads (if any) are built and OGM-initialised by MultimodalModel.add_heads
+    return MultimodalModel(encoders, fusion, num_classes, heads=model_cfg.unimodal_heads if heads is None else heads)
