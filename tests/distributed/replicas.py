@@ -44,6 +44,7 @@ def main(out: str, batch_size: int, methods=None) -> None:
             mine = flat_params(tr.model)
             every = D.all_gather_cat(mine[None])
             report[name] = {"params": mine, "rank_diff": float((every - every[0]).abs().max())}
+            tr.close()
         if D.rank() == 0:
             torch.save(report, out)
     finally:

@@ -177,6 +177,8 @@ def _worker(rank, world, init_file, out_file):
         g = collect_gaps(tr.model, batches)
         if rank == 0:
             torch.save(g, out_file)
+        tr.close()  # drop the DDP wrapper before the group goes
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -240,6 +240,8 @@ def _rho_worker(rank, world, init_file, q):
         tr = _trainer("bmm")
         batches = list(tr._batches(tr.bundle.train, list(range(len(tr.bundle.train)))[rank::world], 8))
         q.put((rank, bmm_rho_eval_pass(tr.model, batches)))
+        tr.close()  # drop the DDP wrapper before the group goes
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

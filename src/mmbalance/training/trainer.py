@@ -416,6 +416,16 @@ class Trainer:
             torch.set_num_threads(threads_before)
             if self.writer is not None:
                 self.writer.close()
+            self.close()
+
+    def close(self) -> None:
+        """Release the DDP wrapper (its reducer must not outlive the process group: under gloo a
+        live one at exit aborts about 1 run in 6). ``fit`` calls this; the model stays usable."""
+        if self.engine is not None:
+            self.engine = None
+            self.ctx._engine = None
+            import gc
+            gc.collect()
 
     def _loop(self) -> None:
         cfg = self.cfg
