@@ -5,7 +5,8 @@ import torch
 
 from mmbalance.functional.ogm import (discrepancy_ratios, modulate_gradient, ogm_coefficients,
                                       ogm_coefficients_from_scores)
-from mmbalance.methods.ogm import OGMOptions, modulated_parameters
+from mmbalance.methods.gradients import modulated_parameters
+from mmbalance.methods.ogm import OGMOptions
 
 
 def reference_ogm(out_a, out_v, label, alpha):

@@ -51,3 +51,74 @@ def two_steps(trainer, n: int = 32, batch_size: int = 16):
         ctx.batch_idx = i
         out.append(trainer.method.training_step(trainer.model, batch, ctx))
     return out
+
+
+# ------------------------------------------------------------------ method harness (spec baselines §6)
+def _steps(trainer, batches, start: int = 0):
+    trainer.model.train()
+    ctx = trainer.ctx
+    ctx.num_batches = len(batches) + start
+    out = []
+    for i, batch in enumerate(batches):
+        ctx.batch_idx = start + i
+        out.append(trainer.method.training_step(trainer.model, batch, ctx))
+        ctx.global_step += 1
+    return out
+
+
+def state_round_trip_reproduces_next_step(method: str, overrides=(), bundle=None, epoch: int = 0, steps: int = 2,
+                                          tmp_path=None):
+    """Train ``steps`` batches, checkpoint (model, optimiser, method state through
+    ``torch.save`` / ``torch.load(weights_only=True)``), then take one more step on the original
+    and on a fresh trainer restored from the checkpoint: the parameters must be bit-identical."""
+    import io
+
+    from mmbalance.training.trainer import Trainer
+    bundle = bundle or tiny_bundle(2)
+    cfg = tiny_config(method, list(overrides))
+    a = Trainer(cfg, None, quiet=True, bundle=bundle)
+    a.ctx.epoch = epoch
+    a.method.on_epoch_start(a.model, a.ctx)
+    batches = list(a._batches(bundle.train, range(16 * (steps + 1)), 16))
+    _steps(a, batches[:steps])
+    buf = io.BytesIO()
+    torch.save({"model": a.model.state_dict(), "optimizer": a.optimizer.state_dict(),
+                "method": a.method.state_dict(), "step": a.ctx.global_step}, buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    b = Trainer(cfg, None, quiet=True, bundle=bundle)
+    b.model.load_state_dict(state["model"])
+    b.optimizer.load_state_dict(state["optimizer"])
+    b.method.load_state_dict(state["method"])
+    b.ctx.global_step, b.ctx.epoch = state["step"], epoch
+    torch.manual_seed(123)
+    _steps(a, batches[steps:], start=steps)
+    torch.manual_seed(123)
+    _steps(b, batches[steps:], start=steps)
+    for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        assert torch.equal(p, q), f"{method}: parameter {n} differs after the restored step"
+
+
+def one_step_params(method: str, overrides=(), bundle=None, epoch: int = 0, seed: int = 0):
+    """Parameters (by name) after one training step of ``method`` from a seeded init."""
+    from mmbalance.training.trainer import Trainer
+    bundle = bundle or tiny_bundle(2)
+    tr = Trainer(tiny_config(method, list(overrides) + [f"train.seed={seed}"]), None, quiet=True, bundle=bundle)
+    tr.ctx.epoch = epoch
+    tr.method.on_epoch_start(tr.model, tr.ctx)
+    batch = next(iter(tr._batches(bundle.train, range(16), 16)))
+    torch.manual_seed(7)
+    _steps(tr, [batch])
+    return {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+
+
+def assert_same_step(method: str, noop_overrides, base: str = "joint", base_overrides=(), bundle=None,
+                     epoch: int = 0, atol: float = 1e-6):
+    """A no-op configuration of ``method`` takes the same step as ``base`` (params within atol),
+    on every parameter the two models share."""
+    a = one_step_params(method, noop_overrides, bundle, epoch)
+    b = one_step_params(base, base_overrides, bundle, epoch)
+    shared = [n for n in b if n in a and a[n].shape == b[n].shape]
+    assert shared, "no shared parameters to compare"
+    for n in shared:
+        assert torch.allclose(a[n], b[n], atol=atol), f"{method} no-op differs from {base} at {n}"

@@ -35,20 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .common import js_divergence
+
 STRATEGIES = ("greedy", "independent", "collaborative")
 VARIANTS = ("own", "oth", "all")
 FUSION_IN_GAME = ("none", "with_encoder")
 SUBSETS = ("singles", "all")
-
-
-def js_divergence(logits_p: Tensor, logits_q: Tensor, clamp: float = 1e7) -> Tensor:
-    """``0.5 * [KL(p || m) + KL(q || m)]``, ``p = softmax(logits_p)``, ``q = softmax(logits_q)``,
-    ``m = (p + q) / 2`` clamped to >= 1e-20; natural log; summed over classes and averaged over
-    rows (``batchmean``). Logits are clamped to +-``clamp`` first (as the authors' code)."""
-    p = logits_p.clamp(-clamp, clamp).float().softmax(dim=-1)
-    q = logits_q.clamp(-clamp, clamp).float().softmax(dim=-1)
-    log_m = (0.5 * (p + q)).clamp_min(1e-20).log()
-    return 0.5 * (F.kl_div(log_m, p, reduction="batchmean") + F.kl_div(log_m, q, reduction="batchmean"))
 
 
 def random_permutations(batch_size: int, num: int, device=None, generator: Optional[torch.Generator] = None) -> Tensor:

@@ -5,7 +5,7 @@ import pkgutil
 
 from .base import METHODS, LossOutput, Method, TrainContext, build_method, register_method
 
-_SKIP = {"base"}
+_SKIP = {"base", "gradients"}
 
 
 def load_all() -> None:

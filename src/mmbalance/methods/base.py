@@ -13,7 +13,8 @@ hook                   called
 ``on_epoch_start``     before each training epoch (phases, dataset-wide statistics)
 ``transform_batch``    each training batch, before the forward pass (input-level remedies)
 ``compute_loss``       each training batch: returns a :class:`LossOutput`
-``after_backward``     after ``loss.backward()``, before the optimiser step (gradient edits)
+``after_backward``     after ``loss.backward()``, before the optimiser step (gradient edits;
+                       a method with ``grad_clip_owner = "method"`` clips here itself)
 ``after_step``         after the optimiser step (per-batch state updates)
 ``on_epoch_end``       after each training epoch; may return logs
 ``predict``            evaluation: the method's prediction (default: fused logits)
@@ -59,6 +60,7 @@ class TrainContext:
                  num_epochs: int = 1, device: torch.device | str = "cpu",
                  reset_optimizer: Optional[Callable[[], None]] = None,
                  train_eval_batches: Optional[Callable[[], Iterable[Batch]]] = None,
+                 val_batches: Optional[Callable[[], Iterable[Batch]]] = None,
                  train_size: int = 0, train_labels: Optional[Sequence[int]] = None,
                  autocast: Optional[Callable[[], Any]] = None, grad_clip: float = 0.0, seed: int = 0,
                  engine: Optional[Callable[..., Any]] = None):
@@ -76,6 +78,10 @@ class TrainContext:
         self.grad_clip = grad_clip
         self._reset_optimizer = reset_optimizer
         self._train_eval_batches = train_eval_batches
+        self._val_batches = val_batches
+        #: the metrics of the trainer's latest evaluation (``val_accuracy``, ``val_{m}_zero_out_accuracy``,
+        #: ``val_{m}_head_accuracy``, ...); empty before the first one
+        self.last_eval: Dict[str, float] = {}
         self._autocast = autocast
         self._engine = engine
 
@@ -99,6 +105,13 @@ class TrainContext:
         if self._train_eval_batches is None:
             raise RuntimeError("this context has no training data pass")
         return self._train_eval_batches()
+
+    def val_batches(self) -> Iterable[Batch]:
+        """Batches of the whole validation split with eval transforms, on the device, in a fixed
+        order (every process sees the whole split), for methods that read validation data."""
+        if self._val_batches is None:
+            raise RuntimeError("this context has no validation data")
+        return self._val_batches()
 
     def autocast(self):
         if self._autocast is None:
@@ -135,6 +148,9 @@ class Method:
     modality_range = (2, None)
     #: attributes saved by the default :meth:`state_dict`
     state_attrs: Sequence[str] = ()
+    #: who clips gradients: "trainer" (``ctx.clip_grad()`` after ``after_backward``, ``train.grad_clip``)
+    #: or "method" (the method clips, e.g. only under a condition, and the trainer does not)
+    grad_clip_owner: str = "trainer"
 
     def __init__(self, options: Any, modalities: Sequence[str], num_classes: int):
         self.options = options if options is not None else self.Options()
@@ -192,7 +208,8 @@ class Method:
         ctx.optimizer.zero_grad(set_to_none=True)
         result.loss.backward()  # under torchrun: gradients averaged across processes here (DDP)
         self.after_backward(model, batch, result, ctx)
-        ctx.clip_grad()
+        if self.grad_clip_owner == "trainer":
+            ctx.clip_grad()
         ctx.optimizer.step()
         self.after_step(model, batch, result, ctx)
         return result

@@ -53,7 +53,7 @@ Deviations and decisions, each a switch or named here:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict
 
 import torch
 
@@ -61,6 +61,7 @@ from .. import distributed as D
 from ..functional.ogm import ge_generator, modulate_gradient, ogm_coefficient_tensor
 from ..functional.scores import modality_scores
 from .base import Method, register_method
+from .gradients import modulated_parameters
 
 
 @dataclass
@@ -79,16 +80,6 @@ class OGMOptions:
         if self.end_epoch < self.start_epoch:
             errs.append(f"end_epoch ({self.end_epoch}) must be >= start_epoch ({self.start_epoch})")
         return errs
-
-
-def modulated_parameters(encoder: torch.nn.Module, rule: str) -> List[torch.nn.Parameter]:
-    params = [p for p in encoder.parameters() if p.requires_grad]
-    conv = [p for p in params if p.dim() == 4]
-    if rule == "all":
-        return params
-    if rule == "conv" or conv:
-        return conv
-    return [p for p in params if p.dim() >= 2]
 
 
 #: alpha per dataset (see the module docstring for the sources)

@@ -122,6 +122,49 @@ class MultimodalModel(nn.Module):
         features = self.encode(inputs)
         return ModelOutput(self.fuse(features), features, self.head_logits(features))
 
+    # ------------------------------------------------------------------- modality subsets
+    def subset_logits(self, inputs: Mapping[str, Tensor], subsets: Iterable[Iterable[str]], level: str = "feature",
+                      bn: str = "train", features: Optional[Mapping[str, Tensor]] = None) -> Dict[frozenset, Tensor]:
+        """Fused logits with only the modalities of each subset kept, the others removed.
+
+        ``level="feature"``: every encoder runs once (or ``features`` are reused) and removed
+        modalities' features are replaced by zeros before the fusion -- the ``zero_out`` probe.
+        ``level="input"``: removed modalities' *inputs* are replaced by zeros and the encoders
+        run again for each subset (AGM's and the peer's Shapley convention); with
+        ``bn="eval"`` BatchNorm layers use their running statistics during those passes (and
+        are put back in their mode afterwards), so zeroed inputs do not corrupt them.
+        Returns ``{frozenset(kept): logits [B, K]}``; the empty subset is allowed.
+        """
+        subsets = [frozenset(s) for s in subsets]
+        unknown = sorted({m for s in subsets for m in s} - set(self.modalities))
+        if unknown:
+            raise KeyError(f"unknown modalities {unknown}; the model has {self.modalities}")
+        if level == "feature":
+            feats = dict(features) if features is not None else self.encode(inputs)
+            return {s: self.fusion({m: (z if m in s else torch.zeros_like(z)) for m, z in feats.items()})
+                    for s in subsets}
+        if level != "input":
+            raise ValueError(f"level must be 'feature' or 'input', got '{level}'")
+        if bn not in ("train", "eval"):
+            raise ValueError(f"bn must be 'train' or 'eval', got '{bn}'")
+        norms = [mod for mod in self.encoders.modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)]
+        modes = [mod.training for mod in norms]
+        try:
+            if bn == "eval":
+                for mod in norms:
+                    mod.eval()
+            return {s: self.fuse(self.encode({m: (x if m in s else torch.zeros_like(x)) for m, x in inputs.items()}))
+                    for s in subsets}
+        finally:
+            for mod, was in zip(norms, modes):
+                mod.train(was)
+
+    def forward_subset(self, inputs: Mapping[str, Tensor], keep: Iterable[str], level: str = "feature",
+                       bn: str = "train") -> Tensor:
+        """Fused logits with only ``keep`` (see :meth:`subset_logits`)."""
+        keep = frozenset(keep)
+        return self.subset_logits(inputs, [keep], level=level, bn=bn)[keep]
+
     # ---------------------------------------------------------------------------- parameters
     def encoder_parameters(self, modality: str) -> Iterator[nn.Parameter]:
         return self.encoders[modality].parameters()

@@ -89,4 +89,5 @@ def make_context(model, optimizer: torch.optim.Optimizer, *, data: Optional[Data
     ctx.eval_batch_size = eval_batch_size
     if data is not None:
         ctx._train_eval_batches = lambda: ctx.eval_batches(data.train_eval)
+        ctx._val_batches = lambda: ctx.eval_batches(data.val)
     return ctx

@@ -178,6 +178,7 @@ class Trainer:
         self.ctx = TrainContext(
             model=self.model, optimizer=self.optimizer, num_epochs=t.epochs, device=self.device,
             reset_optimizer=self._reset_optimizer, train_eval_batches=self._train_eval_batches,
+            val_batches=self._val_batches,
             train_size=len(b.train), train_labels=b.train.labels, autocast=self._autocast,
             grad_clip=self.cfg.train.grad_clip, seed=self.cfg.train.seed, engine=self.engine)
         self.start_epoch = 0
@@ -243,6 +244,10 @@ class Trainer:
     def _train_eval_batches(self) -> Iterator[Batch]:
         ds = self.bundle.train_eval
         return self._batches(ds, self._shard(range(len(ds))), self.cfg.data.eval_batch_size)
+
+    def _val_batches(self) -> Iterator[Batch]:
+        ds = self.bundle.val
+        return self._batches(ds, range(len(ds)), self.cfg.data.eval_batch_size)
 
     def _eval_split(self, split: str) -> Dict[str, Any]:
         ds = self.bundle.splits[split]
@@ -312,6 +317,9 @@ class Trainer:
         if metrics.exists():  # drop rows written after the checkpoint
             rows = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()]
             self.history = [r for r in rows if r["epoch"] < self.start_epoch]
+            evaluated = [r for r in self.history if "val_accuracy" in r]
+            if evaluated:
+                self.ctx.last_eval = {k: v for k, v in evaluated[-1].items() if k.startswith("val_")}
             if self.is_main:
                 write_text(metrics, "".join(json.dumps(r) + "\n" for r in self.history))
 
@@ -441,6 +449,7 @@ class Trainer:
                 for m, d in val["modalities"].items():
                     for k, v in d.items():
                         row[f"val_{m}_{k}"] = v
+                self.ctx.last_eval = {k: v for k, v in row.items() if k.startswith("val_")}
                 improved = val["accuracy"] > self.best_val
                 if improved:
                     self.best_val, self.best_epoch, self.bad_epochs = val["accuracy"], epoch, 0
