@@ -54,7 +54,7 @@ def test_state_round_trip(name, tmp_path):
     path = tmp_path / "m.pt"
     torch.save(state, path)
     fresh = _trainer(name, bundle).method
-    fresh.load_state_dict(torch.load(path, weights_only=False))
+    fresh.load_state_dict(torch.load(path, weights_only=True))
     a, b = state, fresh.state_dict()
     assert a.keys() == b.keys()
     for k in a:
@@ -79,3 +79,34 @@ def test_registry_metadata_and_suggestions():
             assert entry.meta.get(key), f"{name} lacks metadata {key}"
     with pytest.raises(KeyError, match="Did you mean 'ogm_ge'"):
         build_method("ogm-ge", None, ["a", "b"], 3)
+
+
+@pytest.fixture(scope="module")
+def three_modality_npz(tmp_path_factory):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    n = 120
+    y = np.arange(n) % 3
+    path = tmp_path_factory.mktemp("npz") / "three.npz"
+    np.savez(path, y=y, split=np.array(["train"] * 80 + ["val"] * 20 + ["test"] * 20),
+             x_a=rng.normal(size=(n, 5)) + y[:, None], x_b=rng.normal(size=(n, 4, 3)) + 0.5 * y[:, None, None],
+             x_c=rng.normal(size=(n, 6)), class_names=np.array(["p", "q", "r"]))
+    return path
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_cli_end_to_end_synthetic_and_three_modality_npz(name, tmp_path, three_modality_npz, capsys):
+    from mmbalance.cli import main
+    small = ["epochs=1", "model.feature_dim=8", "model.hidden_dim=16", "train.progress=off", "train.threads=1"]
+    assert main(["train", "--dataset", "synthetic", "--method", name, "--out", str(tmp_path / "syn"), "--quiet",
+                 "data.n_train=120", "data.n_val=40", "data.n_test=40", *small]) == 0
+    rc = main(["train", "--dataset", str(three_modality_npz), "--method", name, "--out", str(tmp_path / "npz"),
+               "--quiet", *small])
+    hi = METHODS.get(name).modality_range[1]
+    if hi is not None and hi < 3:
+        assert rc == 2 and "modalities" in capsys.readouterr().err
+    else:
+        assert rc == 0
+        import json
+        res = json.loads((tmp_path / "npz" / "result.json").read_text())
+        assert res["modalities"] == ["a", "b", "c"] and res["class_names"] == ["p", "q", "r"]
