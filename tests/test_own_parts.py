@@ -211,7 +211,7 @@ def test_every_method_runs_in_a_user_loop(name):
     data = own_data()
     method = mmbalance.make_method(name, data.modalities, data.num_classes, **_loop_options(name))
     model = mmbalance.prepare_model(method, own_model(data))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD(mmbalance.optimizer_groups(method, model, lr=0.05), lr=0.05, momentum=0.9)
     ctx = mmbalance.make_context(model, opt, data=data, num_epochs=2)
     before = [p.detach().clone() for p in model.parameters()]
     for epoch in range(2):

@@ -8,7 +8,8 @@ hook                   called
 ``configure_model``    before the model is built: switch on unimodal heads, replace the fusion
 ``extra_modules``      once, after the model is built: modules the method trains with the model
                        (attached as ``model.extras``; saved in checkpoints, optimised)
-``param_groups``       when the optimiser is built (per-group learning rates)
+``param_groups``       when the optimiser is built: groups of parameters; a group's ``lr_scale``
+                       multiplies ``optim.lr`` for it (the schedule keeps the ratios)
 ``sampler``            each epoch: the order of training indices (``None`` = plain shuffle)
 ``on_epoch_start``     before each training epoch (phases, dataset-wide statistics)
 ``transform_batch``    each training batch, before the forward pass (input-level remedies)

@@ -85,6 +85,23 @@ def prepare_model(method: Method, model: MultimodalModel, model_cfg: Any = None)
     return attach_method(method, model, model_cfg)
 
 
+def optimizer_groups(method: Method, model: MultimodalModel, lr: float):
+    """What to hand an optimiser: the method's parameter groups (``Method.param_groups``) with
+    each group's ``lr_scale`` turned into ``lr = lr * lr_scale``, or all trainable parameters.
+    The trainer uses it; in your own loop: ``torch.optim.SGD(optimizer_groups(method, model, lr), lr=lr)``."""
+    groups = method.param_groups(model)
+    if groups is None:
+        return [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for g in groups:
+        g = dict(g)
+        scale = g.pop("lr_scale", None)
+        if scale is not None:
+            g["lr"] = lr * float(scale)
+        out.append(g)
+    return out
+
+
 def make_config(method: str = "joint", overrides: Sequence[str] = (), config_file: Optional[str] = None,
                 dataset: str = CUSTOM_DATA) -> Config:
     """A config for a method on your own data: defaults, the method's generic presets, then

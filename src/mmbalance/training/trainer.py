@@ -26,7 +26,7 @@ from ..errors import ConfigError, MMBalanceError
 from ..evaluation import evaluate
 from ..methods.base import LossOutput, TrainContext
 from ..models.multimodal import MultimodalModel
-from .build import RunParts, build_run, seed_everything
+from .build import RunParts, build_run, optimizer_groups, seed_everything
 from .checkpoint import load_checkpoint, save_checkpoint, write_text
 
 #: config keys that may differ between a checkpoint and a resumed run (they change no trained value
@@ -206,9 +206,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- helpers
     def _build_optimizer(self) -> None:
-        groups = self.method.param_groups(self.model)
-        params = groups if groups is not None else [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.cfg, params)
+        self.optimizer = build_optimizer(self.cfg, optimizer_groups(self.method, self.model, self.cfg.optim.lr))
         self.scheduler = build_scheduler(self.cfg, self.optimizer, self.cfg.train.epochs)
 
     def _reset_optimizer(self) -> None:

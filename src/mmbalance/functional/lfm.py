@@ -1,0 +1,52 @@
+"""LFM's schedule and alignment term (Yang, Wan, Jiang, Xu, NeurIPS 2024), as pure functions.
+
+* :func:`heuristic_alpha1` -- the code's fitted quintic ``alpha1(e)`` (``getAlpha_Learnable_Fitted``)
+  with the epoch rescaled to the 200-epoch run it was fitted on and the result clamped to [0, 1];
+* :func:`mean_pairwise_js` -- ``JS(softmax(o_a), softmax(o_v))`` (batchmean, natural log); for M > 2
+  the mean over the M(M-1)/2 modality pairs;
+* :func:`lfm_loss` -- ``scale * (alpha1 * L_cls + (1 - alpha1) * L_align)`` (code: scale 2).
+
+Spec: ``baselines.md`` §4.13 (code njustkmg/NeurIPS24-LFM@ad44fa0, ``Crema_epoch.py``).
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from .common import js_divergence
+
+#: coefficients of alpha1(e) = sum_i c_i e^i, the code's fit over a 200-epoch CREMA-D run
+HEURISTIC_COEFFS = (0.204623704, 3.35472727e-3, 1.22989557e-4, -2.92947416e-6, 2.23835486e-8, -5.39717505e-11)
+#: the run length the polynomial was fitted on
+FIT_EPOCHS = 200
+
+
+def heuristic_polynomial(e: float) -> float:
+    """The raw fitted quintic at (possibly fractional) epoch ``e`` (no rescaling, no clamp)."""
+    return sum(c * e ** i for i, c in enumerate(HEURISTIC_COEFFS))
+
+
+def heuristic_alpha1(epoch: int, num_epochs: int = FIT_EPOCHS, rescale: bool = True) -> float:
+    """``clamp(poly(e'), 0, 1)`` with ``e' = epoch * 200 / num_epochs`` when ``rescale`` (spec
+    DECISION), else ``e' = epoch`` (the code's values for a 200-epoch run either way)."""
+    e = float(epoch)
+    if rescale and num_epochs > 0:
+        e = e * FIT_EPOCHS / num_epochs
+    return min(1.0, max(0.0, heuristic_polynomial(e)))
+
+
+def mean_pairwise_js(logits: Mapping[str, Tensor]) -> Tensor:
+    """Mean Jensen-Shannon divergence of the softmax predictions over all modality pairs."""
+    names = list(logits)
+    if len(names) < 2:
+        raise ValueError(f"the alignment term needs at least two modalities, got {len(names)}")
+    terms = [js_divergence(logits[a], logits[b]) for a, b in itertools.combinations(names, 2)]
+    return torch.stack(terms).mean()
+
+
+def lfm_loss(loss_cls: Tensor, loss_align: Tensor, alpha1: float, scale: float = 2.0) -> Tensor:
+    """``scale * (alpha1 L_cls + (1 - alpha1) L_align)``."""
+    return scale * (alpha1 * loss_cls + (1.0 - alpha1) * loss_align)
