@@ -16,7 +16,8 @@ from mmbalance.methods import METHODS
 WORKER = Path(__file__).with_name("replicas.py")
 #: methods whose update is a function of the global batch only (no per-process random partner,
 #: no per-process normalisation): 2 x 16 rows must equal 1 x 32 rows
-SPLIT_INVARIANT = ["joint", "unimodal", "ensemble", "multiloss", "ogm", "ogm_ge", "mla"]
+SPLIT_INVARIANT = ["joint", "unimodal", "ensemble", "multiloss", "ogm", "ogm_ge", "mla", "agm", "amss", "amss_plus",
+                   "inforeg", "lfm", "mlb", "mmcosine", "mmpareto", "mslr", "remix"]
 
 
 def _run(args, torchrun: bool):
