@@ -110,3 +110,10 @@ def test_cli_end_to_end_synthetic_and_three_modality_npz(name, tmp_path, three_m
         import json
         res = json.loads((tmp_path / "npz" / "result.json").read_text())
         assert res["modalities"] == ["a", "b", "c"] and res["class_names"] == ["p", "q", "r"]
+
+
+def test_readme_method_table_lists_every_method():
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [n for n in ALL if f"| `{n}` |" not in readme]
+    assert not missing, f"README's method table lacks {missing}"
