@@ -208,6 +208,11 @@ class Method:
             result = ctx.run(lambda m, b: self.compute_loss(m, b, ctx), batch)
         ctx.optimizer.zero_grad(set_to_none=True)
         result.loss.backward()  # under torchrun: gradients averaged across processes here (DDP)
+        return self.finish_step(model, batch, result, ctx)
+
+    def finish_step(self, model: MultimodalModel, batch: Batch, result: LossOutput, ctx: TrainContext) -> LossOutput:
+        """The end of a step once the gradients are in place: ``after_backward``, clipping (when
+        the trainer owns it), the optimiser step, ``after_step``. For ``training_step`` overrides."""
         self.after_backward(model, batch, result, ctx)
         if self.grad_clip_owner == "trainer":
             ctx.clip_grad()

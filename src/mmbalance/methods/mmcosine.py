@@ -47,30 +47,21 @@ from torch import Tensor, nn
 
 from ..errors import MethodSetupError
 from ..functional.mmcosine import cosine_logits
-from ..models.fusion import Fusion
+from ..models.fusion import ConcatFusion
 from ..models.multimodal import ModelOutput
 from ..models.resnet import ogm_init
 from .base import Method, register_method
 
 
-class CosineFusion(Fusion):
-    """``sum_m s * cos(z_m, W_m[k])`` with the concat weight ``W`` [K, sum d_m] split per modality;
-    no bias."""
-
-    additive = True
+class CosineFusion(ConcatFusion):
+    """``sum_m s * cos(z_m, W_m[k])`` with the concat weight ``W`` [K, sum d_m] split per modality
+    (``ConcatFusion.weight_blocks``); no bias."""
 
     def __init__(self, dims: Mapping[str, int], num_classes: int, scale: float = 10.0, eps: float = 1e-12):
         super().__init__(dims, num_classes)
         self.fc = nn.Linear(sum(self.dims.values()), num_classes, bias=False)
         self.scale = float(scale)
         self.eps = float(eps)
-
-    def weight_blocks(self) -> dict[str, Tensor]:
-        out, start = {}, 0
-        for m in self.modalities:
-            out[m] = self.fc.weight[:, start:start + self.dims[m]]
-            start += self.dims[m]
-        return out
 
     def modality_logits(self, features):
         w = self.weight_blocks()

@@ -150,9 +150,4 @@ class MMPareto(Method):
         for m, (k1, cos) in stats.items():
             logs[f"coeff_{m}"], logs[f"cos_{m}"] = k1, cos
         result = LossOutput(loss, out, logs)
-        self.after_backward(model, batch, result, ctx)
-        if self.grad_clip_owner == "trainer":
-            ctx.clip_grad()
-        ctx.optimizer.step()
-        self.after_step(model, batch, result, ctx)
-        return result
+        return self.finish_step(model, batch, result, ctx)

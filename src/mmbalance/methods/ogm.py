@@ -58,10 +58,10 @@ from typing import Dict
 import torch
 
 from .. import distributed as D
-from ..functional.ogm import ge_generator, modulate_gradient, ogm_coefficient_tensor
+from ..functional.ogm import ogm_coefficient_tensor
 from ..functional.scores import modality_scores
 from .base import Method, register_method
-from .gradients import modulated_parameters
+from .gradients import modulate_encoders
 
 
 @dataclass
@@ -111,18 +111,7 @@ class _OGMBase(Method):
         if not (o.start_epoch <= ctx.epoch <= o.end_epoch):
             return
         coeffs = self.coefficients(model, result.output.features, batch.labels)
-        generators: Dict[torch.device, torch.Generator] = {}
-        with torch.no_grad():
-            for m, k in coeffs.items():
-                for p in modulated_parameters(model.encoders[m], o.params):
-                    if p.grad is None:
-                        continue
-                    gen = None
-                    if self.noise:
-                        gen = generators.get(p.grad.device)
-                        if gen is None:
-                            gen = generators[p.grad.device] = ge_generator(ctx.seed, ctx.global_step, p.grad.device)
-                    p.grad = modulate_gradient(p.grad, k.to(p.grad.dtype), self.noise, gen)
+        modulate_encoders(model, coeffs, o.params, self.noise, ctx.seed, ctx.global_step)
         result.logs.update({f"coeff_{m}": k for m, k in coeffs.items()})
 
 

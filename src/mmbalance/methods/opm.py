@@ -76,8 +76,6 @@ import torch.nn.functional as F
 from .. import distributed as D
 from ..functional.ogm import (
     discrepancy_ratio_tensor,
-    ge_generator,
-    modulate_gradient,
     ogm_coefficient_tensor,
 )
 from ..functional.opm import (
@@ -90,7 +88,7 @@ from ..functional.opm import (
 from ..functional.scores import modality_scores
 from ..models.multimodal import ModelOutput
 from .base import LossOutput, Method, register_method
-from .gradients import modulated_parameters
+from .gradients import modulate_encoders
 
 
 @dataclass
@@ -211,12 +209,7 @@ class OPM(Method):
         result.loss.backward()
         if self._skip:
             return result
-        self.after_backward(model, batch, result, ctx)
-        if self.grad_clip_owner == "trainer":
-            ctx.clip_grad()
-        ctx.optimizer.step()
-        self.after_step(model, batch, result, ctx)
-        return result
+        return self.finish_step(model, batch, result, ctx)
 
 
 @register_method("opm_ogm", paper="Wei et al., TPAMI 2024", kind="optimisation",
@@ -229,16 +222,6 @@ class OPMOGM(OPM):
         if self._scores is None or not (o.start_epoch <= ctx.epoch <= o.end_epoch):
             return
         k = ogm_coefficient_tensor(self._scores, o.alpha)
-        generators: Dict[torch.device, torch.Generator] = {}
-        with torch.no_grad():
-            for i, m in enumerate(self.modalities):
-                for p in modulated_parameters(model.encoders[m], o.params):
-                    if p.grad is None:
-                        continue
-                    gen = None
-                    if o.ge:
-                        gen = generators.get(p.grad.device)
-                        if gen is None:
-                            gen = generators[p.grad.device] = ge_generator(ctx.seed, ctx.global_step, p.grad.device)
-                    p.grad = modulate_gradient(p.grad, k[i].to(device=p.grad.device, dtype=p.grad.dtype), o.ge, gen)
+        modulate_encoders(model, {m: k[i] for i, m in enumerate(self.modalities)}, o.params, o.ge, ctx.seed,
+                          ctx.global_step)
         result.logs.update({f"coeff_{m}": k[i] for i, m in enumerate(self.modalities)})
