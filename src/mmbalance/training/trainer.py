@@ -171,16 +171,14 @@ class Trainer:
         if self.cfg.model.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.engine = None
-        if D.is_distributed():
-            self.engine = nn.parallel.DistributedDataParallel(
-                _Engine(self.model), device_ids=None, find_unused_parameters=True)
         self._build_optimizer()
         self.ctx = TrainContext(
             model=self.model, optimizer=self.optimizer, num_epochs=t.epochs, device=self.device,
             reset_optimizer=self._reset_optimizer, train_eval_batches=self._train_eval_batches,
             val_batches=self._val_batches,
             train_size=len(b.train), train_labels=b.train.labels, autocast=self._autocast,
-            grad_clip=self.cfg.train.grad_clip, seed=self.cfg.train.seed, engine=self.engine)
+            grad_clip=self.cfg.train.grad_clip, seed=self.cfg.train.seed)
+        self._open_engine()
         self.start_epoch = 0
         self.best_val = -1.0
         self.best_epoch = -1
@@ -402,6 +400,7 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> Dict[str, Any]:
         cfg = self.cfg
+        self._open_engine()  # (again, if an earlier fit closed it)
         self._prepare_out(resume)
         if resume:
             self.resume()
@@ -423,6 +422,14 @@ class Trainer:
             if self.writer is not None:
                 self.writer.close()
             self.close()
+
+    def _open_engine(self) -> None:
+        """Under torchrun: wrap the model in DistributedDataParallel (``ctx.run`` goes through it).
+        ``find_unused_parameters``: methods use parameter subsets (heads, one modality per step)."""
+        if D.is_distributed() and self.engine is None:
+            self.engine = nn.parallel.DistributedDataParallel(
+                _Engine(self.model), device_ids=None, find_unused_parameters=True)
+            self.ctx._engine = self.engine
 
     def close(self) -> None:
         """Release the DDP wrapper (its reducer must not outlive the process group: under gloo a
