@@ -53,7 +53,7 @@ def cmd_bench(args) -> int:
     seeds = [int(s) for s in _parse_list(args.seeds)] or [0, 1, 2]
     run_bench(datasets, methods, seeds, args.out, epochs=args.epochs, overrides=args.overrides,
               config_file=args.config, quiet=True)
-    print(f"\nresults: {Path(args.out) / 'results.csv'} and {Path(args.out) / 'results.md'}")
+    print(f"\nresults: {Path(args.out) / 'results.csv'}, {Path(args.out) / 'results.md'} and {Path(args.out) / 'report.html'}")
     return 0
 
 
@@ -138,6 +138,21 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import write_report
+    print(f"report: {write_report(args.dir)}")
+    return 0
+
+
+def cmd_diagnose(args) -> int:
+    from .diagnostics import diagnose_run
+    res = diagnose_run(args.run_dir, split=args.split, references=args.reference or (), level=args.level)
+    for m in res["modalities"]:
+        print(res["verdicts"][m])
+    print(f"diagnostics: {Path(args.run_dir) / 'diagnostics.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmbalance", description="Balanced multimodal learning: methods, trainer, benchmark.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -187,6 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("datasets", help="list registered datasets; with a NAME: its options and notes")
     d.add_argument("name", nargs="?")
     d.set_defaults(func=cmd_datasets)
+    g = sub.add_parser("diagnose", help="is each modality used? probes, Shapley values, CUR, modality gap of a "
+                       "run's best checkpoint -> RUN_DIR/diagnostics.json")
+    g.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder")
+    g.add_argument("--split", default="test", choices=("test", "val"))
+    g.add_argument("--reference", action="append", metavar="DIR",
+                   help="a unimodal run of one modality on the same dataset (repeatable)")
+    g.add_argument("--level", default="feature", choices=("feature", "input"),
+                   help="remove modalities at their features (default) or their inputs")
+    g.set_defaults(func=cmd_diagnose)
+    rp = sub.add_parser("report", help="report.html (+ PNGs) for a run folder or a bench folder")
+    rp.add_argument("dir", help="run folder (result.json + metrics.jsonl) or bench folder (results.csv)")
+    rp.set_defaults(func=cmd_report)
     return p
 
 

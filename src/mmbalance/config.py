@@ -132,6 +132,7 @@ class TrainConfig:
     tensorboard: bool = False
     eval_every: int = 1
     threads: int = 0  # torch intra-op threads; 0 = auto (1 for small models on CPU, see Trainer)
+    diagnose: bool = False  # at the end: mmbalance diagnose on the best checkpoint -> diagnostics.json
 
     def validate(self):
         errs = []

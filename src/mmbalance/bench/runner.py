@@ -101,6 +101,11 @@ def run_bench(datasets: Sequence[str], methods: Sequence[str], seeds: Sequence[i
     (out / "results.md").write_text(f"# mmbalance bench\n\nTest-set metrics in %, mean ± std over seeds "
                                     f"{', '.join(map(str, seeds))}.\n\n{table}\n")
     log(table)
+    try:
+        from ..report import write_bench_report
+        log(f"report: {write_bench_report(out)}")
+    except Exception as exc:  # matplotlib is optional: the bench never fails over its pictures
+        log(f"(no report.html: {exc})")
     return rows
 
 

@@ -508,6 +508,12 @@ class Trainer:
             result["warmup_epochs"] = warmup
             result["best_epoch_in_warmup"] = bool(0 <= self.best_epoch < warmup)
         result.update(self._late_zero_out(test))
+        if self.cfg.train.diagnose and self.is_main:
+            from ..diagnostics import diagnose
+            diag = diagnose(self.model, self.method, self.bundle, device=self.device)
+            if self.out is not None:
+                write_text(self.out / "diagnostics.json", json.dumps(diag, indent=2))
+            result["verdicts"] = diag["verdicts"]
         if self.out is not None and self.is_main:
             write_text(self.out / "result.json", json.dumps(result, indent=2))
             if self.bundle.skipped:
