@@ -13,6 +13,9 @@ env: $(BIN)/mmbalance
 
 demo: env
 	$(BIN)/mmbalance bench --out runs/quick-bench
+	$(BIN)/mmbalance diagnose runs/quick-bench/synthetic/joint/seed0
+	$(BIN)/mmbalance report runs/quick-bench/synthetic/joint/seed0
+	@echo "reports: runs/quick-bench/report.html (every method) and runs/quick-bench/synthetic/joint/seed0/report.html (one run, with diagnostics)"
 
 test: env
 	$(BIN)/python -m pytest -q

@@ -192,7 +192,9 @@ def _diagnostics_sections(diag: Dict[str, Any], out: Path) -> List[str]:
             f"{_e(diag.get('num_samples', '?'))} samples, fused accuracy {_pct(diag.get('fused_accuracy'))} %</p>"]
     verdicts = diag.get("verdicts") or {}
     if verdicts:
-        body.append("<h3>Verdicts</h3>" + "".join(f"<p><b>{_e(m)}</b>: {_e(v)}</p>" for m, v in verdicts.items()))
+        # a verdict is a sentence that starts with its modality ("x2: not used; ...")
+        body.append("<h3>Verdicts</h3>" + "".join(
+            f"<p><b>{_e(m)}</b>: {_e(v[len(m) + 2:] if v.startswith(f'{m}: ') else v)}</p>" for m, v in verdicts.items()))
     pm = diag.get("per_modality") or {}
     if pm:
         cols = ["zero_out_accuracy", "head_accuracy", "probe_accuracy", "reference_accuracy"]
