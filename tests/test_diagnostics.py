@@ -261,3 +261,24 @@ def test_train_diagnose_true_writes_diagnostics_at_the_end(tmp_path):
     res = _json.loads((tmp_path / "result.json").read_text())
     assert set(diag["per_modality"]) == {"x1", "x2"} and res["verdicts"] == diag["verdicts"]
     assert diag["fused_accuracy"] == pytest.approx(res["test"]["accuracy"], abs=1e-6)
+
+
+@pytest.mark.parametrize("m_count", [2, 3])
+@pytest.mark.parametrize("name", __import__("mmbalance.methods", fromlist=["METHODS"]).METHODS.names())
+def test_diagnose_runs_on_every_method(name, m_count):
+    from mmbalance.diagnostics import diagnose
+    from mmbalance.methods import METHODS
+    from mmbalance.training.trainer import Trainer
+    from utils import tiny_bundle, tiny_config
+    hi = METHODS.get(name).modality_range[1]
+    if hi is not None and hi < m_count:
+        pytest.skip(f"{name} supports at most {hi} modalities")
+    bundle = tiny_bundle(m_count, n=30)
+    tr = Trainer(tiny_config(name, ["train.epochs=1", "train.threads=1"]), None, quiet=True, bundle=bundle)
+    tr.fit()
+    d = diagnose(tr.model, tr.method, bundle)
+    mods = [f"m{i + 1}" for i in range(m_count)]
+    assert d["modalities"] == mods and set(d["verdicts"]) == set(mods)
+    assert all(0.0 <= d["per_modality"][m]["zero_out_accuracy"] <= 1.0 for m in mods)
+    total = sum(d["shapley"]["accuracy"][m] for m in mods)
+    assert total == pytest.approx(d["shapley"]["v_all"]["accuracy"] - d["shapley"]["v_none"]["accuracy"], abs=1e-6)
