@@ -1,4 +1,4 @@
-"""Command line: ``mmbalance train | bench | prepare | methods | datasets``."""
+"""Command line: ``mmbalance train | bench | prepare | methods | datasets | diagnose | report``."""
 from __future__ import annotations
 
 import argparse

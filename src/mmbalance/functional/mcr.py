@@ -1,7 +1,8 @@
 """MCR's regularisers (Kontras et al., "Multimodal Competition Regularizer"), as pure functions.
 
-* :func:`js_divergence` -- Jensen-Shannon divergence between the softmaxes of two logit tensors
-  (natural log, ``batchmean`` over rows; range ``[0, ln 2]``), as ``get_perturbed_gradients``.
+* :func:`js_divergence` (from :mod:`mmbalance.functional.common`, shared with other methods) --
+  Jensen-Shannon divergence between the softmaxes of two logit tensors (natural log,
+  ``batchmean`` over rows; range ``[0, ln 2]``), as ``get_perturbed_gradients``.
 * :func:`random_permutations` / :func:`perturbed_logits` -- latent-space permutation of one
   modality's (or one subset's, jointly) contribution to a linear late fusion
   ``y = sum_m z_m W_m^T + b`` (features re-used, no extra encoder pass; the bias is kept in the
