@@ -6,11 +6,11 @@ from mmbalance.errors import ConfigError
 
 def test_dotted_overrides_and_aliases():
     cfg = resolve_config("synthetic", "ogm_ge", None, ["method.alpha=0.5", "optim.lr=1e-3", "epochs=7", "seed=3",
-                                                       "data.unique=[0.2,0.2]", "train.progress=off"])
+                                                       "data.unique=[0.05,0.04]", "train.progress=off"])
     assert cfg.method_options.alpha == 0.5
     assert cfg.optim.lr == pytest.approx(1e-3)
     assert cfg.train.epochs == 7 and cfg.train.seed == 3
-    assert cfg.data_options.unique == [0.2, 0.2]
+    assert cfg.data_options.unique == [0.05, 0.04]
     assert cfg.train.progress == "off"
 
 

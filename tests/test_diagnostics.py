@@ -160,7 +160,7 @@ def test_verdict_sentence():
 
 # ------------------------------------------------------------------------- real tiny runs
 SMALL = ["epochs=2", "--quiet", "data.n_train=150", "data.n_val=50", "data.n_test=60"]
-THREE = ["data.num_modalities=3", "data.unique=[0.2,0.1,0.1]", "data.noise=[0.6,1.0,0.8]"]
+THREE = ["data.num_modalities=3", "data.shared=0.5", "data.unique=[0.2,0.1,0.1]", "data.noise=[0.6,1.0,0.8]"]
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,8 @@ def runs(tmp_path_factory):
     out = {}
     for name, method, extra in (("joint", "joint", []), ("multiloss", "multiloss", []), ("mla", "mla", []),
                                 ("multiloss3", "multiloss", THREE),
-                                ("uni_x2", "unimodal", ["method.modality=x2"])):
+                                ("uni_x2", "unimodal", ["method.modality=x2"]),
+                                ("uni_x1", "unimodal", ["method.modality=x1"])):
         d = root / name
         assert main(["train", "--dataset", "synthetic", "--method", method, "--out", str(d), *SMALL, *extra]) == 0
         out[name] = d
@@ -230,6 +231,39 @@ def test_diagnose_reference_and_input_level(runs):
         diagnose_run(runs["joint"], references=[runs["multiloss"]], write=False)
 
 
+def test_ensemble_gap_from_reference_runs(runs):
+    """The ensemble of the two unimodal reference runs: each run's probabilities must reproduce its
+    own result.json test accuracy (computed by the trainer), and their average is scored here."""
+    from mmbalance.diagnostics.diagnose import reference_probabilities
+    res = diagnose_run(runs["multiloss"], references=[runs["uni_x1"], runs["uni_x2"]], write=False)
+    y = None
+    probs = []
+    for name in ("uni_x1", "uni_x2"):
+        from mmbalance.training.build import build_run
+        from mmbalance.training.trainer import load_run_config
+        y = torch.as_tensor(build_run(load_run_config(runs[name])).data.splits["test"].labels)
+        p = reference_probabilities(runs[name], "test", y)
+        assert torch.allclose(p.sum(1), torch.ones(len(y)))
+        own = json.loads((runs[name] / "result.json").read_text())["test"]["accuracy"]
+        assert float(p.argmax(1).eq(y).double().mean()) == pytest.approx(own)
+        probs.append(p)
+    want = float(((probs[0] + probs[1]) / 2).argmax(1).eq(y).double().mean())
+    eg = res["ensemble_gap"]
+    assert eg["source"] == "references"
+    assert eg["ensemble_accuracy"] == pytest.approx(want, abs=1e-12)
+    assert eg["gap"] == pytest.approx(res["fused_accuracy"] - want)
+    assert eg["heads"]["source"] == "heads"  # multiloss has heads: their ensemble is kept beside
+    # one reference only: not an ensemble of unimodal runs; the heads are used
+    one = diagnose_run(runs["multiloss"], references=[runs["uni_x2"]], write=False)
+    assert one["ensemble_gap"]["source"] == "heads"
+    # a reference trained on other data is refused, naming the folder
+    other = runs["uni_x1"].parent / "uni_x1_other"
+    assert main(["train", "--dataset", "synthetic", "--method", "unimodal", "--out", str(other), *SMALL,
+                 "method.modality=x1", "data.n_test=40"]) == 0
+    with pytest.raises(MMBalanceError, match="uni_x1_other.*another 'test' split"):
+        diagnose_run(runs["joint"], references=[other, runs["uni_x2"]], write=False)
+
+
 def test_diagnose_val_split_cli(runs):
     assert main(["diagnose", str(runs["joint"]), "--split", "val", "--level", "feature"]) == 0
     res = json.loads((runs["joint"] / "diagnostics.json").read_text())
@@ -282,3 +316,31 @@ def test_diagnose_runs_on_every_method(name, m_count):
     assert all(0.0 <= d["per_modality"][m]["zero_out_accuracy"] <= 1.0 for m in mods)
     total = sum(d["shapley"]["accuracy"][m] for m in mods)
     assert total == pytest.approx(d["shapley"]["v_all"]["accuracy"] - d["shapley"]["v_none"]["accuracy"], abs=1e-6)
+
+
+def test_result_json_probe_matches_sklearn_on_the_best_checkpoint(runs):
+    """train.probe (on by default) writes each modality's probe accuracy into result.json: equal to
+    a logistic regression fitted here with sklearn on the best checkpoint's features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from mmbalance.training.build import build_run
+    from mmbalance.training.checkpoint import load_checkpoint
+    from mmbalance.training.trainer import load_run_config
+    d = runs["joint"]
+    res = json.loads((d / "result.json").read_text())
+    parts = build_run(load_run_config(d))
+    parts.model.load_state_dict(load_checkpoint(d / "checkpoints" / "best.pt")["model"])
+    parts.model.eval()
+
+    def feats(ds):
+        with torch.no_grad():
+            f = parts.model.encode({m: torch.stack([ds[i]["inputs"][m] for i in range(len(ds))])
+                                    for m in parts.data.modalities})
+        return {m: v.numpy() for m, v in f.items()}, np.asarray(ds.labels)
+    (tr, ytr), (te, yte) = feats(parts.data.train_eval), feats(parts.data.splits["test"])
+    for m in ("x1", "x2"):
+        sc = StandardScaler().fit(tr[m])
+        clf = LogisticRegression(max_iter=1000).fit(sc.transform(tr[m]), ytr)
+        want = float((clf.predict(sc.transform(te[m])) == yte).mean())
+        assert res["test"]["modalities"][m]["probe_accuracy"] == pytest.approx(want, abs=0.021), m

@@ -58,6 +58,21 @@ def test_min_norm_2_closed_form():
     assert float(min_norm_2(a, b)[0]) == pytest.approx(float(grid[norms.argmin()]), abs=2e-4)
 
 
+def test_js_divergence_gradient_finite_when_a_probability_underflows():
+    """A row so confident that float32 softmax gives exactly 0 for a class: value as by hand, finite
+    gradients (F.kl_div's xlogy backward gave NaN here and diverged MCR)."""
+    p = torch.tensor([[200.0, 0.0, -200.0]], requires_grad=True)  # softmax = [1, e^-200 -> 0, 0]
+    q = torch.tensor([[0.0, 0.0, 0.0]], requires_grad=True)
+    assert float(torch.softmax(p, 1)[0, 2]) == 0.0
+    v = js_divergence(p, q)
+    # by hand: p = (1, 0, 0), q = (1/3, 1/3, 1/3), m = (2/3, 1/6, 1/6)
+    want = 0.5 * (math.log(1 / (2 / 3)) + (1 / 3) * math.log((1 / 3) / (2 / 3))
+                  + 2 * (1 / 3) * math.log((1 / 3) / (1 / 6)))
+    assert float(v) == pytest.approx(want, rel=1e-5)
+    v.backward()
+    assert torch.isfinite(p.grad).all() and torch.isfinite(q.grad).all()
+
+
 def test_class_prototypes_and_js_divergence():
     f = torch.tensor([[1.0, 2.0], [3.0, 4.0], [10.0, 0.0]])
     protos, counts = class_prototypes(f, torch.tensor([0, 0, 2]), 3)

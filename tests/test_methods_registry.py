@@ -30,6 +30,9 @@ def test_two_steps_two_modalities(name):
     for m in tr.model.modalities:  # every encoder learns (unimodal trains only its own modality)
         if name == "unimodal" and m != tr.method.modality:
             continue
+        if name == "reconboost" and m != tr.model.modalities[0]:
+            continue  # epoch 0 is stage 0's boosting phase: only the first modality's learner trains
+                      # (tests/methods/test_reconboost.py checks every encoder across the stages)
         assert any(k.startswith(f"encoders.{m}.") for k in changed), f"{name}: encoder {m} did not learn"
 
 

@@ -4,12 +4,14 @@ import torch
 from mmbalance.config import ModelConfig
 from mmbalance.errors import ConfigError
 from mmbalance.models import build_model
-from mmbalance.models.encoders import FrameEncoder, GRUEncoder, MLPEncoder, SmallCNN, TransformerEncoder, build_encoder
+from mmbalance.models.encoders import (FrameEncoder, GRUEncoder, MLPEncoder, SmallCNN, TCNEncoder, TransformerEncoder,
+                                       build_encoder)
 from mmbalance.models.resnet import ResNet18Encoder, ResNet18Trunk
 
 
 @pytest.mark.parametrize("shape,kind,cls", [
-    ((7,), "auto", MLPEncoder), ((5, 7), "auto", TransformerEncoder), ((5, 7), "gru", GRUEncoder),
+    ((7,), "auto", MLPEncoder), ((5, 7), "auto", TCNEncoder), ((5, 17), "auto", TransformerEncoder),
+    ((5, 7), "transformer", TransformerEncoder), ((5, 7), "gru", GRUEncoder), ((5, 40), "tcn", TCNEncoder),
     ((1, 16, 16), "auto", SmallCNN), ((2, 3, 16, 16), "auto", FrameEncoder),
 ])
 def test_encoder_from_shape(shape, kind, cls):

@@ -143,8 +143,9 @@ def test_run_report_with_diagnostics_and_warmup(tiny_run, tmp_path):
 def test_bench_report(tiny_bench):
     from mmbalance.report import write_bench_report
     path = write_bench_report(tiny_bench)
-    pngs = [tiny_bench / f"report_synthetic_{k}.png" for k in ("accuracy", "weak_zero_out", "cost")]
+    pngs = [tiny_bench / f"report_synthetic_{k}.png" for k in ("accuracy", "weak_zero_out", "weak_probe", "cost")]
     text = _check_self_contained(path, pngs)
+    assert "probe x1" in text and "probe x2" in text
     assert "Paired comparison against joint" in text and "ogm_ge" in text
     assert (tiny_bench / "results.md").is_file()  # results.md keeps working
 

@@ -1,4 +1,4 @@
-"""Command line: ``mmbalance train | bench | prepare | methods | datasets | diagnose | report``."""
+"""Command line: ``mmbalance train | bench | tune | prepare | methods | datasets | diagnose | report``."""
 from __future__ import annotations
 
 import argparse
@@ -51,9 +51,25 @@ def cmd_bench(args) -> int:
     datasets = _parse_list(args.datasets) or list(QUICK_DATASETS)
     methods = _parse_list(args.methods) or ["all"]
     seeds = [int(s) for s in _parse_list(args.seeds)] or [0, 1, 2]
+    if args.address and args.executor != "ray":
+        raise MMBalanceError("--address is the Ray cluster's address; pass it with --executor ray")
     run_bench(datasets, methods, seeds, args.out, epochs=args.epochs, overrides=args.overrides,
-              config_file=args.config, quiet=True)
-    print(f"\nresults: {Path(args.out) / 'results.csv'}, {Path(args.out) / 'results.md'} and {Path(args.out) / 'report.html'}")
+              config_file=args.config, quiet=True, jobs=args.jobs, executor=args.executor, address=args.address,
+              dry_run=args.dry_run, tuned=args.tuned)
+    if not args.dry_run:
+        print(f"\nresults: {Path(args.out) / 'results.csv'}, {Path(args.out) / 'results.md'} and {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from .bench.tune import tune
+    datasets, methods = _parse_list(args.dataset), _parse_list(args.method)
+    if not datasets or not methods:
+        raise MMBalanceError("tune needs --dataset and --method (comma-separated lists allowed)")
+    for ds in datasets:
+        for method in methods:
+            tune(ds, method, trials=args.trials, out_dir=args.out, metric=args.metric, epochs=args.epochs,
+                 overrides=args.overrides, config_file=args.config, seed=args.seed)
     return 0
 
 
@@ -96,6 +112,9 @@ def cmd_methods(args) -> int:
             print("presets: " + "; ".join(f"{ds}: {p.get('method', p)}" for ds, p in presets.items()))
         print("options (method.<name>=value):")
         print("\n".join(_options_lines(cls.Options)))
+        space = getattr(cls.Options, "tune_space", None) or {}
+        print("tune ranges (mmbalance tune; plus optim.lr): " + (", ".join(f"{k} {v}" for k, v in space.items())
+                                                               if space else "none declared"))
         print("\n" + _doc(cls))
         return 0
     w = max(len(n) for n in METHODS.names())
@@ -174,9 +193,32 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seeds", help="comma-separated seeds (default: 0,1,2)")
     b.add_argument("--epochs", type=int, help="epochs for every run (default: each dataset's preset)")
     b.add_argument("--config", help="YAML applied to every run")
-    b.add_argument("--out", default="runs/bench", help="output folder (default runs/bench)")
+    b.add_argument("--out", default="runs/bench", help="output folder (default runs/bench); a second bench into "
+                   "it reuses finished runs, resumes stopped ones and adds its rows to results.csv")
+    b.add_argument("-j", "--jobs", type=int, help="runs at once in separate processes, torch threads split "
+                   "between them (default: one per core, at most 8 and at most the runs to do; 1 on CUDA)")
+    b.add_argument("--executor", default="local", choices=("local", "ray"),
+                   help="local processes (default) or one Ray task per run (pip install 'mmbalance[ray]')")
+    b.add_argument("--address", help="Ray cluster to join (e.g. auto, ray://head:10001; default: a local Ray)")
+    b.add_argument("--tuned", metavar="DIR", help="take each method's tuned values from DIR/<dataset>/<method>/"
+                   "best.yaml (the --out of mmbalance tune)")
+    b.add_argument("--dry-run", action="store_true", help="print the plan (to do / resume / reuse); train nothing")
     b.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     b.set_defaults(func=cmd_bench)
+    tu = sub.add_parser("tune", help="search a method's declared hyper-parameter ranges on the val split "
+                        "(Optuna TPE; pip install 'mmbalance[tune]')")
+    tu.add_argument("--dataset", required=True, help="dataset (comma-separated: each in turn)")
+    tu.add_argument("--method", required=True, help="method (comma-separated: each gets the same --trials)")
+    tu.add_argument("--trials", type=int, default=20, help="trials per dataset x method (default 20)")
+    tu.add_argument("--metric", default="val_accuracy", choices=("val_accuracy", "val_macro_f1"))
+    tu.add_argument("--epochs", type=int, help="epochs per trial (default: the dataset's preset)")
+    tu.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler (default 0)")
+    tu.add_argument("--config", help="YAML applied to every trial")
+    tu.add_argument("--out", default="runs/tune", help="writes OUT/<dataset>/<method>/best.yaml and trials.csv "
+                    "(default runs/tune)")
+    tu.add_argument("overrides", nargs="*", help="dotted overrides applied to every trial (keys set here are "
+                    "not tuned)")
+    tu.set_defaults(func=cmd_tune)
     r = sub.add_parser("prepare", help="raw videos -> 1 fps JPEG frames + mono WAV + split files",
                        description="Extract frames and audio from raw videos into the layout the loaders read "
                                    "(see mmbalance.data.prepare). Resumable; failed clips go to DST/failed.txt.")
@@ -207,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder")
     g.add_argument("--split", default="test", choices=("test", "val"))
     g.add_argument("--reference", action="append", metavar="DIR",
-                   help="a unimodal run of one modality on the same dataset (repeatable)")
+                   help="a unimodal run of one modality on the same dataset (repeatable); its accuracy is the "
+                        "modality's standalone reference, and with one per modality their averaged "
+                        "probabilities are the ensemble the fused model is compared with")
     g.add_argument("--level", default="feature", choices=("feature", "input"),
                    help="remove modalities at their features (default) or their inputs")
     g.set_defaults(func=cmd_diagnose)

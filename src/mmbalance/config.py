@@ -22,6 +22,7 @@ from .registry import suggest
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("none", "step", "cosine")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -30,16 +31,24 @@ class DataConfig:
     root: Optional[str] = None
     batch_size: int = 64
     eval_batch_size: int = 256
-    num_workers: int = 0
+    #: DataLoader worker processes; -1 = auto: 0 on CPU (and for in-memory tensor datasets, which
+    #: are sliced directly), min(4, cores - 1) on CUDA (with pinned memory)
+    num_workers: int = -1
     on_error: str = "raise"  # raise | skip (datasets that read files)
     cache: Optional[str] = None  # input cache directory (datasets that decode media)
+    #: fraction of train held out for the method (stratified by label, seeded by train.seed; the
+    #: method reads it via ctx.holdout_batches()); 0 = the method's own Method.holdout_fraction()
+    method_holdout: float = 0.0
 
     def validate(self):
         errs = []
         if self.batch_size < 1 or self.eval_batch_size < 1:
             errs.append("batch sizes must be >= 1")
-        if self.num_workers < 0:
-            errs.append("num_workers must be >= 0")
+        if not 0.0 <= self.method_holdout < 0.5:
+            errs.append(f"method_holdout must be a fraction in [0, 0.5) of the training split (0 = none), "
+                        f"got {self.method_holdout}")
+        if self.num_workers < -1:
+            errs.append(f"num_workers must be >= 0, or -1 for auto, got {self.num_workers}")
         if self.on_error not in ("raise", "skip"):
             errs.append(f"on_error must be 'raise' or 'skip', got '{self.on_error}'")
         return errs
@@ -48,7 +57,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     fusion: str = "concat"  # concat | sum | late | film | gated
-    encoder: str = "auto"  # auto | mlp | transformer | gru | cnn | resnet18 | frames
+    encoder: str = "auto"  # auto | mlp | transformer | gru | tcn | cnn | resnet18 | text:V | hf:<dir>
     encoders: Dict[str, str] = field(default_factory=dict)  # per-modality override
     feature_dim: int = 64  # output size of the small encoders (ResNet-18: 512)
     hidden_dim: int = 128
@@ -56,7 +65,9 @@ class ModelConfig:
     dropout: float = 0.0
     unimodal_heads: bool = False  # methods that need heads switch this on themselves
     small_input: bool = False  # ResNet-18 stem for small images (3x3 conv, no max-pool)
-    channels_last: bool = False
+    #: channels-last memory format for conv encoders (faster on CPU and GPU, same results; no
+    #: effect on MLP / sequence encoders, whose parameters and inputs are not 4-D)
+    channels_last: bool = True
     #: set by the trainer when the model was built in Python (its description); not a user key
     custom: Optional[str] = None
 
@@ -127,12 +138,18 @@ class TrainConfig:
     deterministic: bool = True
     early_stopping: int = 0  # patience in epochs on val accuracy; 0 = off
     grad_clip: float = 0.0  # max global grad norm; 0 = off
-    bf16: bool = False  # bf16 autocast (opt-in: changes gradients)
+    #: fp32 | bf16 (bf16 autocast, opt-in: changes gradients) | fp16 (fp16 autocast with a
+    #: GradScaler; CUDA only). Gradient-editing methods compute their coefficients in fp32 either
+    #: way. ``train.bf16=true`` (the old key) still works: it means precision=bf16.
+    precision: str = "fp32"
     progress: str = "auto"  # auto (only on a TTY) | on | off
     tensorboard: bool = False
     eval_every: int = 1
     threads: int = 0  # torch intra-op threads; 0 = auto (1 for small models on CPU, see Trainer)
     diagnose: bool = False  # at the end: mmbalance diagnose on the best checkpoint -> diagnostics.json
+    #: at the end: each modality's linear-probe accuracy on test (a logistic regression on the frozen
+    #: encoder's train features; one extra forward pass over train) -> result.json
+    probe: bool = True
 
     def validate(self):
         errs = []
@@ -140,6 +157,8 @@ class TrainConfig:
             errs.append(f"epochs must be >= 1, got {self.epochs}")
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
             errs.append(f"device must be cpu, cuda, cuda:N or auto, got '{self.device}'")
+        if self.precision not in PRECISIONS:
+            errs.append(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
         if self.progress not in ("auto", "on", "off"):
             errs.append(f"progress must be auto, on or off, got '{self.progress}'")
         if self.eval_every < 1:
@@ -193,6 +212,30 @@ class Config:
                 sec.update(dataclasses.asdict(extra))
             out[name] = _plain(sec)
         return out
+
+
+def upgrade_legacy_keys(tree: Mapping[str, Any]) -> Dict[str, Any]:
+    """Map keys of older configs to today's (a saved ``config.yaml`` still resolves and resumes):
+    ``train.bf16`` (bool, before ``train.precision``) -> ``train.precision=bf16`` when true; the old
+    key is dropped. Refuses ``train.bf16=true`` together with another explicit precision."""
+    train = tree.get("train") if isinstance(tree, Mapping) else None
+    if not isinstance(train, Mapping) or "bf16" not in train:
+        return dict(tree) if isinstance(tree, Mapping) else tree
+    out = dict(tree)
+    train = dict(train)
+    old = train.pop("bf16")
+    on = old.parsed() if isinstance(old, RawValue) else old
+    if isinstance(on, str):
+        on = on.lower() in ("true", "yes", "on", "1")
+    if on:
+        now = train.get("precision")
+        now = now.parsed() if isinstance(now, RawValue) else now
+        if now not in (None, "bf16"):
+            raise ConfigError(f"train.bf16=true (the old key for train.precision=bf16) conflicts with "
+                              f"train.precision={now}; give only train.precision")
+        train["precision"] = "bf16"
+    out["train"] = train
+    return out
 
 
 def _plain(x: Any) -> Any:
@@ -416,6 +459,7 @@ def resolve_config(dataset: Optional[str] = None, method: Optional[str] = None,
     if config_file:
         user = deep_merge(user, load_yaml(config_file))
     user = deep_merge(user, overrides_to_dict(overrides))
+    user = upgrade_legacy_keys(user)
     errors: List[str] = []
     for sec in list(user):
         if sec not in SECTIONS:

@@ -17,7 +17,8 @@ WORKER = Path(__file__).with_name("replicas.py")
 #: methods whose update is a function of the global batch only (no per-process random partner,
 #: no per-process normalisation): 2 x 16 rows must equal 1 x 32 rows
 SPLIT_INVARIANT = ["joint", "unimodal", "ensemble", "multiloss", "ogm", "ogm_ge", "mla", "agm", "amss", "amss_plus",
-                   "inforeg", "lfm", "mlb", "mmcosine", "mmpareto", "mslr", "remix"]
+                   "inforeg", "lfm", "mlb", "mmcosine", "mmpareto", "mslr", "remix", "umt", "ume",
+                   "reconboost", "cggm", "relearn"]
 
 
 def _run(args, torchrun: bool):

@@ -245,7 +245,7 @@ def test_compute_loss_planted_gaps_and_gmm(monkeypatch):
     expect = _planted_expected(PLANTED_GMM, 0.96 ** 2, 1.5, 2.0, 3.0)
     assert float(res.loss.detach()) == pytest.approx(expect, rel=1e-5)
     assert res.logs["lambda"] == pytest.approx(0.9216)
-    assert res.logs["gap"] == pytest.approx(0.2, abs=1e-6)  # mean of +0.5 and -0.1
+    assert float(res.logs["gap"]) == pytest.approx(0.2, abs=1e-6)  # mean of +0.5 and -0.1
     # the reference is sensitive to each of the four mutations (sanity of the planted case)
     alt = [_planted_expected(GapGMM((0.3, 0.7), (0.6, 0.1), (0.04, 0.01)), 0.9216, 1.5, 2.0, 3.0),
            _planted_expected(PLANTED_GMM, 1.0, 1.5, 2.0, 3.0),
@@ -279,7 +279,7 @@ def test_balanced_majority_guard(monkeypatch):
     res = tr.method.compute_loss(tr.model, batch, tr.ctx)
     ce = -math.log(0.75) + math.log(2.0)
     assert float(res.loss.detach()) == pytest.approx((ce + 0.5 ** 2 + 0.1 ** 2) / 2, rel=1e-5)
-    assert res.logs["w_balanced"] == 1.0
+    assert float(res.logs["w_balanced"]) == 1.0
 
 
 def test_options_reject_negative_coefficients():

@@ -208,7 +208,7 @@ def test_two_steps_update_alpha_and_are_finite(m):
     assert len(seen) == 2
     for (pending, a0, a1), r in zip(seen, res):
         n = float(pending[-1])
-        assert n == 2 * round(r.logs["valid_fraction"] * 16)  # two misaligned samples per valid row
+        assert n == 2 * round(float(r.logs["valid_fraction"]) * 16)  # two misaligned samples per valid row
         # c~ and c^ are normalised over the modalities of each misaligned sample
         assert float(pending[:m].sum()) == pytest.approx(n) and float(pending[m:2 * m].sum()) == pytest.approx(n)
         mean_c, mean_chat = (pending[:m] / n).tolist(), (pending[m:2 * m] / n).tolist()

@@ -21,8 +21,11 @@ What is computed on the chosen split (``test`` by default, ``val`` on request):
   (``Method.zero_out_logits`` overridden, e.g. MLA's shared head) and the fusion's
   ``modality_logits`` otherwise (W-split for concat); 20-bin histogram on [-1, 1] and a
   2-component GMM (component 0 = balanced, mean nearest 0);
-* ``ensemble_gap`` -- fused accuracy minus the accuracy of the averaged softmax of the
-  per-modality heads (where the method has them);
+* ``ensemble_gap`` -- fused accuracy minus the accuracy of the averaged softmax of an ensemble of
+  unimodal classifiers: the given ``unimodal`` reference runs when there is one per modality
+  (``source: "references"``; each reference model is rebuilt from its folder and scored on the
+  same split), else the method's per-modality heads (``source: "heads"``); the heads' ensemble is
+  also kept under ``heads`` when both exist;
 * ``verdicts`` -- one sentence per modality. **A modality is "used" when removing it (its
   features zeroed, the others kept, at the Shapley ``level``) lowers the fused accuracy by at
   least** :data:`~mmbalance.diagnostics.probes.USED_DROP_POINTS` **(1) percentage point.**
@@ -55,6 +58,32 @@ def _batches(dataset, batch_size: int, device):
         yield batch.to(device)
 
 
+def _features(model, dataset, batch_size: int, device) -> tuple:
+    """``({modality: [N, d] float features on the CPU}, [N] labels)`` of a split, eval mode."""
+    feats: Dict[str, List[Tensor]] = {m: [] for m in model.modalities}
+    ys: List[Tensor] = []
+    for batch in _batches(dataset, batch_size, device):
+        f = model.encode(batch.inputs)
+        for m in feats:
+            feats[m].append(f[m].float().cpu())
+        ys.append(batch.labels.cpu())
+    if not ys:
+        raise MMBalanceError("cannot compute features of an empty split")
+    return {m: torch.cat(v) for m, v in feats.items()}, torch.cat(ys)
+
+
+def probe_accuracies(model, data, split: str = "test", device: str | torch.device = "cpu", batch_size: int = 256,
+                     seed: int = 0) -> Dict[str, float]:
+    """Each modality's linear-probe accuracy on ``split``: a multinomial logistic regression on the
+    frozen encoder's standardised features of the train split (eval transforms). The model is put
+    in eval mode; no gradients."""
+    model.eval()
+    with torch.no_grad():
+        train_x, train_y = _features(model, data.train_eval, batch_size, torch.device(device))
+        x, y = _features(model, data.splits[split], batch_size, torch.device(device))
+    return {m: P.linear_probe_accuracy(train_x[m], train_y, x[m], y, seed=seed) for m in model.modalities}
+
+
 def _method_has_own_modality_logits(method: Method) -> bool:
     return type(method).zero_out_logits is not Method.zero_out_logits
 
@@ -72,10 +101,13 @@ def _acc(logits: Tensor, y: Tensor) -> float:
 @torch.no_grad()
 def diagnose(model, method: Method, data, split: str = "test", references: Optional[Mapping[str, float]] = None,
              level: str = "feature", device: str | torch.device = "cpu", *, batch_size: int = 256,
-             n_permutations: int = 200, seed: int = 0) -> Dict[str, Any]:
+             n_permutations: int = 200, seed: int = 0,
+             reference_probs: Optional[Mapping[str, Tensor]] = None) -> Dict[str, Any]:
     """The diagnostics of a trained ``model`` under ``method`` on ``data`` (a DataBundle) as a
     JSON-ready dict (schema in the module docstring). ``references``: ``{modality: accuracy of
-    that modality trained alone}`` on the same split. The model is put in eval mode."""
+    that modality trained alone}`` on the same split; ``reference_probs``: ``{modality: [N, K]
+    class probabilities of that unimodal model on the split, in the split's order}`` (for the
+    ensemble gap). The model is put in eval mode."""
     if split not in SPLITS:
         raise MMBalanceError(f"split must be one of {SPLITS}, got '{split}'")
     if level not in LEVELS:
@@ -134,15 +166,7 @@ def diagnose(model, method: Method, data, split: str = "test", references: Optio
     v_tcp = {s: tcp_sum[s] / n for s in subsets}
 
     # train features: the probe and the train means of CUR
-    tr_feats: Dict[str, List[Tensor]] = {m: [] for m in mods}
-    tr_y: List[Tensor] = []
-    for batch in _batches(data.train_eval, batch_size, device):
-        f = model.encode(batch.inputs)
-        for m in mods:
-            tr_feats[m].append(f[m].float().cpu())
-        tr_y.append(batch.labels.cpu())
-    train_x = {m: torch.cat(v) for m, v in tr_feats.items()}
-    train_y = torch.cat(tr_y)
+    train_x, train_y = _features(model, data.train_eval, batch_size, device)
 
     fused_acc = _acc(col["fused"], y)
     drops = {m: v_acc[full] - v_acc[full - {m}] for m in mods}
@@ -189,9 +213,22 @@ def diagnose(model, method: Method, data, split: str = "test", references: Optio
 
     # ------------------------------------------------------------------ ensemble gap
     heads = {m: col[f"head:{m}"] for m in mods if f"head:{m}" in col}
+    head_gap = None
     if len(heads) == len(mods):
         ens = P.averaged_softmax_accuracy(heads, y)
-        ensemble_gap = {"source": "heads", "ensemble_accuracy": ens, "gap": fused_acc - ens}
+        head_gap = {"source": "heads", "ensemble_accuracy": ens, "gap": fused_acc - ens}
+    ref_probs = dict(reference_probs or {})
+    for m, p in ref_probs.items():
+        if m not in mods or tuple(p.shape) != (len(y), data.num_classes):
+            raise MMBalanceError(f"reference probabilities for '{m}' must be [{len(y)}, {data.num_classes}] for a "
+                                 f"modality of this model ({mods}); got {tuple(p.shape)}")
+    if len(ref_probs) == len(mods):
+        ens = P.averaged_probability_accuracy(ref_probs, y)
+        ensemble_gap = {"source": "references", "ensemble_accuracy": ens, "gap": fused_acc - ens}
+        if head_gap is not None:
+            ensemble_gap["heads"] = head_gap
+    elif head_gap is not None:
+        ensemble_gap = head_gap
     else:
         ensemble_gap = {"source": "none", "ensemble_accuracy": None, "gap": None}
 
@@ -249,8 +286,14 @@ def reference_accuracies(run_dirs: Iterable[str | Path], modalities: Sequence[st
                          dataset: Optional[str] = None) -> Dict[str, float]:
     """``{modality: accuracy}`` of ``unimodal`` run folders (their ``result.json`` accuracy on
     ``split``); the modality is the run's ``method.modality`` (default: the first)."""
+    return {m: acc for m, (acc, _) in _reference_runs(run_dirs, modalities, split, dataset).items()}
+
+
+def _reference_runs(run_dirs: Iterable[str | Path], modalities: Sequence[str], split: str,
+                    dataset: Optional[str]) -> Dict[str, tuple]:
+    """``{modality: (accuracy on split, run folder)}``, every folder checked."""
     from ..training.trainer import load_run_config
-    out: Dict[str, float] = {}
+    out: Dict[str, tuple] = {}
     for d in run_dirs:
         d = Path(d)
         res_path = d / "result.json"
@@ -269,20 +312,34 @@ def reference_accuracies(run_dirs: Iterable[str | Path], modalities: Sequence[st
                                  f"({', '.join(modalities)})")
         if m in out:
             raise MMBalanceError(f"two references for modality '{m}'; give one per modality")
-        out[m] = float(res[split]["accuracy"])
+        out[m] = (float(res[split]["accuracy"]), d)
     return out
 
 
-def diagnose_run(run_dir: str | Path, split: str = "test", references: Sequence[str | Path] = (),
-                 level: str = "feature", device: str = "cpu", write: bool = True) -> Dict[str, Any]:
-    """Rebuild a run folder's parts from its config, load ``checkpoints/best.pt`` (model and
-    method state), run :func:`diagnose` and write ``run_dir/diagnostics.json``. ``references``:
-    folders of ``unimodal`` runs on the same dataset (their ``split`` accuracy becomes
-    ``reference_accuracy``)."""
+def reference_probabilities(run_dir: str | Path, split: str, labels: Tensor, device: str = "cpu") -> Tensor:
+    """``[N, K]`` class probabilities of a ``unimodal`` run's best checkpoint on ``split``, in the
+    split's order. ``labels`` (the diagnosed run's labels of that split) must match the reference's
+    split row for row, so that both runs saw the same data."""
+    parts, _ = _load_run(Path(run_dir))
+    dev = torch.device(device)
+    parts.model.to(dev).eval()
+    probs, ys = [], []
+    with torch.no_grad():
+        for batch in _batches(parts.data.splits[split], 256, dev):
+            probs.append(parts.method.predict(parts.model, batch).logits.float().softmax(1).cpu())
+            ys.append(batch.labels.cpu())
+    y = torch.cat(ys) if ys else torch.empty(0, dtype=torch.long)
+    if y.shape != labels.shape or not torch.equal(y, labels.cpu().long()):
+        raise MMBalanceError(f"reference '{run_dir}' has another '{split}' split than this run ({len(y)} vs "
+                             f"{len(labels)} samples, or other labels): train both on the same data settings")
+    return torch.cat(probs)
+
+
+def _load_run(run_dir: Path):
+    """Rebuild a run folder's parts from its config and load ``checkpoints/best.pt`` into them."""
     from ..training.build import CUSTOM_DATA, build_run
-    from ..training.checkpoint import load_checkpoint, write_text
+    from ..training.checkpoint import load_checkpoint
     from ..training.trainer import _same_tensors, load_run_config
-    run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     if cfg.data.name.startswith(CUSTOM_DATA) or cfg.model.custom:
         what = f"data '{cfg.data.name}'" if cfg.data.name.startswith(CUSTOM_DATA) else f"model ({cfg.model.custom})"
@@ -299,8 +356,26 @@ def diagnose_run(run_dir: str | Path, split: str = "test", references: Sequence[
                              f"the data changed since the run")
     parts.model.load_state_dict(state["model"])
     parts.method.load_state_dict(state["method"])
-    refs = reference_accuracies(references, parts.data.modalities, split, parts.data.name) if references else None
-    res = diagnose(parts.model, parts.method, parts.data, split=split, references=refs, level=level, device=device)
+    return parts, cfg
+
+
+def diagnose_run(run_dir: str | Path, split: str = "test", references: Sequence[str | Path] = (),
+                 level: str = "feature", device: str = "cpu", write: bool = True) -> Dict[str, Any]:
+    """Rebuild a run folder's parts from its config, load ``checkpoints/best.pt`` (model and
+    method state), run :func:`diagnose` and write ``run_dir/diagnostics.json``. ``references``:
+    folders of ``unimodal`` runs on the same dataset (their ``split`` accuracy becomes
+    ``reference_accuracy``)."""
+    from ..training.checkpoint import write_text
+    run_dir = Path(run_dir)
+    parts, _ = _load_run(run_dir)
+    refs, probs = None, None
+    if references:
+        runs = _reference_runs(references, parts.data.modalities, split, parts.data.name)
+        refs = {m: acc for m, (acc, _) in runs.items()}
+        labels = torch.as_tensor(parts.data.splits[split].labels, dtype=torch.long)
+        probs = {m: reference_probabilities(d, split, labels, device) for m, (_, d) in runs.items()}
+    res = diagnose(parts.model, parts.method, parts.data, split=split, references=refs, level=level, device=device,
+                   reference_probs=probs)
     res["run_dir"] = str(run_dir)
     if write:
         write_text(run_dir / "diagnostics.json", json.dumps(res, indent=2))

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..functional.common import all_subsets, shapley_combine
 from ..functional.gmm import fit_gap_gmm
+from ..functional.greedy import conditional_utilisation_rate  # noqa: F401  (re-exported)
 
 #: a modality counts as *used* when removing it (its features zeroed, the others kept) lowers the
 #: fused accuracy by at least this many percentage points
@@ -120,12 +121,8 @@ def _np(x) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------- CUR
-def conditional_utilisation_rate(acc_all: float, acc_alone: float) -> float:
-    """Greedy's ``CUR(m' -> m) = (A(all) - A(m alone)) / A(all)`` (spec baselines §4.26 D3): how
-    much of the fused accuracy needs ``m'`` given ``m``. Undefined (``ValueError``) for ``A(all) = 0``."""
-    if acc_all <= 0:
-        raise ValueError("the conditional utilisation rate is undefined when the fused accuracy is 0")
-    return (float(acc_all) - float(acc_alone)) / float(acc_all)
+# ``conditional_utilisation_rate`` (Greedy's CUR) lives in functional/greedy.py (the method logs it
+# too); imported above and re-exported here.
 
 
 # ----------------------------------------------------------------------------------- gap
@@ -147,8 +144,13 @@ def gap_summary(gaps, bins: int = 20, seed: int = 0) -> Dict[str, object]:
 # ------------------------------------------------------------------------------- ensemble
 def averaged_softmax_accuracy(logits: Mapping[str, Tensor], labels: Tensor) -> float:
     """Accuracy of the mean of the softmax probabilities of several classifiers."""
-    probs = torch.stack([l.float().softmax(dim=1) for l in logits.values()]).mean(0)
-    return float((probs.argmax(1) == labels).double().mean())
+    return averaged_probability_accuracy({m: l.float().softmax(dim=1) for m, l in logits.items()}, labels)
+
+
+def averaged_probability_accuracy(probs: Mapping[str, Tensor], labels: Tensor) -> float:
+    """Accuracy of the mean of several classifiers' class probabilities."""
+    mean = torch.stack([p.float() for p in probs.values()]).mean(0)
+    return float((mean.argmax(1) == labels).double().mean())
 
 
 # -------------------------------------------------------------------------------- verdict

@@ -20,7 +20,7 @@ Spec ``baselines.md`` §4.23; code njustkmg/TPAMI-AMSS@3161ecc ``AMSS/train_test
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -31,14 +31,17 @@ GN_MODES = ("gn", "sqrt_gn", "gn_wn")
 
 def amss_label_entropy_term(counts: Tensor) -> Tensor:
     """``-sum pi log softmax(pi)`` with ``pi = counts / counts.sum()`` over classes
-    ``0..last class with a non-zero count`` (the code's ``bincount`` length). 0-d float32."""
+    ``0..last class with a non-zero count`` (the code's ``bincount`` length). 0-d float32 (NaN
+    when every count is 0). Computed on the device with the classes after the last non-zero
+    count masked out (``-inf`` logits, zero terms) -- the same value as slicing them off, without
+    reading the last class back to the host."""
     c = counts.detach().float()
-    nz = torch.nonzero(c > 0)
-    if nz.numel() == 0:
-        raise ValueError("no labels")
-    c = c[: int(nz.max()) + 1]
+    pos = torch.arange(c.numel(), device=c.device)
+    last = torch.where(c > 0, pos, torch.full_like(pos, -1)).max()
+    keep = pos <= last
     pi = c / c.sum()
-    return -(pi * torch.log_softmax(pi, dim=0)).sum()
+    logp = torch.log_softmax(pi.masked_fill(~keep, float("-inf")), dim=0)
+    return -torch.where(keep, pi * logp, torch.zeros_like(pi)).sum()
 
 
 def amss_feature_entropy(z: Tensor, reduction: str = "mean") -> Tensor:
@@ -59,12 +62,13 @@ def amss_coefficients(scores: Tensor, h_y: Tensor | float, h_m: Tensor, temperat
     n = s.numel()
     num = s + hy + 0.5
     rho = num / h
-    if bool((num <= 0).any()):
-        return torch.full_like(s, 1.0 / n).clamp(lo, hi), torch.ones_like(s)
     e = torch.softmax(rho / temperature, dim=0)  # e^{t_m} / sum_j e^{t_j}
     c = (1.0 - e) / (n - 1)
     c = torch.where(torch.isnan(c), torch.full_like(c, 1.0 / n), c)
-    return c.clamp(lo, hi), rho
+    # a non-positive numerator -> uniform 1/M and rho = 1 (torch.where: no host read of the test)
+    fallback = (num <= 0).any()
+    c = torch.where(fallback, torch.full_like(s, 1.0 / n), c)
+    return c.clamp(lo, hi), torch.where(fallback, torch.ones_like(s), rho)
 
 
 def filter_importance(grad: Tensor, weight: Optional[Tensor] = None, mode: str = "gn") -> Tensor:
@@ -89,15 +93,26 @@ def num_kept(num_filters: int, fraction: float | Tensor) -> int:
     return min(num_filters, math.ceil(num_filters * float(fraction) - 1e-9))
 
 
+def selection_stats(importance: Tensor) -> Tensor:
+    """``[total > 0, number of filters with pi_f > 0]`` (float32, on the device): what
+    :func:`select_filters` and :func:`filter_mask` read on the host. A method stacks these for all
+    its layers and reads them in one transfer, then passes each pair as ``stats``."""
+    imp = importance.detach().float()
+    total = imp.sum()
+    return torch.stack([(total > 0).float(), (imp / total > 0).sum().float()])
+
+
 def select_filters(importance: Tensor, n: int, mode: str = "adaptive",
-                   generator: Optional[torch.Generator] = None) -> Tensor:
+                   generator: Optional[torch.Generator] = None,
+                   stats: Optional[Sequence[float]] = None) -> Tensor:
     """Indices of the filters whose gradient is kept.
 
     ``adaptive``: ``n`` filters sampled without replacement with probability proportional to
     the importance (when fewer than ``n`` filters have a non-zero importance, all of those: the
     others' gradients are zero, so their mask does not matter); ``topk``: the ``n`` largest;
     ``random``: ``n`` uniformly; ``bernoulli``: each filter with probability ``pi_f`` (ignores
-    ``n``, as the code)."""
+    ``n``, as the code). ``stats``: :func:`selection_stats` of ``importance`` already read on
+    the host (saves the two host reads here)."""
     imp = importance.detach().float()
     C = imp.numel()
     dev = generator.device if generator is not None else imp.device
@@ -106,28 +121,32 @@ def select_filters(importance: Tensor, n: int, mode: str = "adaptive",
     if mode == "random":
         return torch.randperm(C, generator=generator, device=dev)[:n].to(imp.device)
     total = imp.sum()
-    if not bool(total > 0):
+    positive = bool(stats[0]) if stats is not None else bool(total > 0)
+    if not positive:
         return torch.arange(C, device=imp.device)
     pi = imp / total
     if mode == "bernoulli":
         return torch.nonzero(torch.bernoulli(pi.to(dev), generator=generator)).squeeze(1).to(imp.device)
     if mode != "adaptive":
         raise ValueError(f"sample mode must be one of {SAMPLE_MODES}, got '{mode}'")
-    nonzero = int((pi > 0).sum())
+    nonzero = int(stats[1]) if stats is not None else int((pi > 0).sum())
     if nonzero <= n:
+        if nonzero == C:  # every filter (the common case): no data-dependent shape
+            return torch.arange(C, device=imp.device)
         return torch.nonzero(pi > 0).squeeze(1)
     return torch.multinomial(pi.to(dev), n, replacement=False, generator=generator).to(imp.device)
 
 
-def filter_mask(importance: Tensor, selected: Tensor, plus: bool = False) -> Tensor:
+def filter_mask(importance: Tensor, selected: Tensor, plus: bool = False,
+                positive: Optional[bool] = None) -> Tensor:
     """``[C]`` mask: 1 on ``selected`` (AMSS) or ``1 / (pi_f + 1/C)`` (AMSS+, ``pi = importance /
-    sum``), 0 elsewhere."""
+    sum``), 0 elsewhere. ``positive``: ``importance.sum() > 0`` when already known on the host."""
     imp = importance.detach().float()
     C = imp.numel()
     mask = torch.zeros_like(imp)
     if plus:
         total = imp.sum()
-        pi = imp / total if bool(total > 0) else torch.zeros_like(imp)
+        pi = imp / total if (positive if positive is not None else bool(total > 0)) else torch.zeros_like(imp)
         mask[selected] = 1.0 / (pi[selected] + 1.0 / C)
     else:
         mask[selected] = 1.0

@@ -49,9 +49,8 @@ def joint_probs(*xs: Tensor, bins: int) -> Tensor:
 
 def entropy(p: Tensor) -> Tensor:
     """Shannon entropy (nats) of a probability table (any shape)."""
-    p = p.reshape(-1)
-    p = p[p > 0]
-    return -(p * p.log()).sum()
+    # xlogy: 0 log 0 = 0 (no boolean mask: a data-dependent shape would be a host sync)
+    return -torch.special.xlogy(p.reshape(-1), p.reshape(-1)).sum()
 
 
 def _normalise(value: Tensor, ha: Tensor, hb: Tensor, norm: str, conditional: bool) -> Tensor:
@@ -64,9 +63,8 @@ def _normalise(value: Tensor, ha: Tensor, hb: Tensor, norm: str, conditional: bo
         den, scale = ha + hb, 1.0
     else:
         raise ValueError(f"norm must be one of {NORMS}, got '{norm}'")
-    if float(den) <= 1e-12:
-        return value.new_zeros(())
-    return scale * value / den
+    # where, not ``if``: reading den on the host would be a sync per estimate
+    return torch.where(den > 1e-12, scale * value / den, value.new_zeros(()))
 
 
 def nmi(x: Tensor, y: Tensor, bins: int = 30, norm: str = "sqrt") -> Tensor:

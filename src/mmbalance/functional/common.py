@@ -21,11 +21,18 @@ from torch import Tensor
 def js_divergence(logits_p: Tensor, logits_q: Tensor, clamp: float = 1e7) -> Tensor:
     """``0.5 * [KL(p || m) + KL(q || m)]``, ``p = softmax(logits_p)``, ``q = softmax(logits_q)``,
     ``m = (p + q) / 2`` clamped to >= 1e-20; natural log; summed over classes and averaged over
-    rows (``batchmean``). Logits are clamped to +-``clamp`` first (as MCR's code)."""
-    p = logits_p.clamp(-clamp, clamp).float().softmax(dim=-1)
-    q = logits_q.clamp(-clamp, clamp).float().softmax(dim=-1)
+    rows (``batchmean``). Logits are clamped to +-``clamp`` first (as MCR's code).
+
+    ``KL(p || m)`` is summed as ``p * (log_softmax - log m)``, not with ``F.kl_div``: a class whose
+    probability underflows to exactly 0 in float32 (a very confident row) then contributes 0 with
+    a finite gradient, where ``kl_div``'s ``xlogy`` backward gives NaN (it diverged MCR on the
+    synthetic default at epoch 19)."""
+    lp = logits_p.clamp(-clamp, clamp).float().log_softmax(dim=-1)
+    lq = logits_q.clamp(-clamp, clamp).float().log_softmax(dim=-1)
+    p, q = lp.exp(), lq.exp()
     log_m = (0.5 * (p + q)).clamp_min(1e-20).log()
-    return 0.5 * (F.kl_div(log_m, p, reduction="batchmean") + F.kl_div(log_m, q, reduction="batchmean"))
+    rows = max(int(logits_p.shape[0]), 1) if logits_p.dim() > 0 else 1
+    return 0.5 * ((p * (lp - log_m)).sum() + (q * (lq - log_m)).sum()) / rows
 
 
 def all_subsets(players: Sequence[str]) -> list:

@@ -4,14 +4,19 @@
   with the epoch rescaled to the 200-epoch run it was fitted on and the result clamped to [0, 1];
 * :func:`mean_pairwise_js` -- ``JS(softmax(o_a), softmax(o_v))`` (batchmean, natural log); for M > 2
   the mean over the M(M-1)/2 modality pairs;
-* :func:`lfm_loss` -- ``scale * (alpha1 * L_cls + (1 - alpha1) * L_align)`` (code: scale 2).
+* :func:`lfm_loss` -- ``scale * (alpha1 * L_cls + (1 - alpha1) * L_align)`` (code: scale 2);
+* learnable alpha (``Crema_epoch_learnable.py::getAlpha_Learnable``): :func:`alpha_hypergradient`
+  (the mean over the FIRST parameter tensor of the Hessian-vector product
+  ``H(alpha1 L_cls + alpha2 L_align) . grad L_cls``), :func:`learnable_lr` (halved every 20
+  epochs) and :func:`update_alpha2` (``clip(alpha2 - lr * g, 0.05, 0.95)``).
 
-Spec: ``baselines.md`` §4.13 (code njustkmg/NeurIPS24-LFM@ad44fa0, ``Crema_epoch.py``).
+Spec: ``baselines.md`` §4.13 (code njustkmg/NeurIPS24-LFM@ad44fa0, ``Crema_epoch.py``,
+``Crema_epoch_learnable.py``).
 """
 from __future__ import annotations
 
 import itertools
-from typing import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -50,3 +55,45 @@ def mean_pairwise_js(logits: Mapping[str, Tensor]) -> Tensor:
 def lfm_loss(loss_cls: Tensor, loss_align: Tensor, alpha1: float, scale: float = 2.0) -> Tensor:
     """``scale * (alpha1 L_cls + (1 - alpha1) L_align)``."""
     return scale * (alpha1 * loss_cls + (1.0 - alpha1) * loss_align)
+
+
+#: the code's bounds of alpha2 in the learnable variant
+ALPHA2_BOUNDS = (0.05, 0.95)
+
+
+def alpha_hypergradient(loss_cls: Tensor, loss_align: Tensor, alpha1: float, params: Sequence[Tensor]) -> float:
+    """The learnable variant's signal: ``mean(HVP[0])`` with
+    ``HVP = grad_theta < grad_theta(alpha1 L_cls + (1 - alpha1) L_align), v >`` and
+    ``v = grad_theta L_cls`` held constant (a Hessian-vector product of the weighted loss with the
+    classification gradient), restricted to the first tensor of ``params`` as the code
+    (``hessian_vector_prod[0].mean()``). Both losses must be built from ``params`` with autograd on.
+    A parameter a loss does not reach contributes zeros."""
+    params = list(params)
+    if not params:
+        raise ValueError("alpha_hypergradient needs at least one parameter tensor")
+    total = alpha1 * loss_cls + (1.0 - alpha1) * loss_align
+    g_total = torch.autograd.grad(total, params, create_graph=True, allow_unused=True)
+    g_cls = torch.autograd.grad(loss_cls, params, retain_graph=True, allow_unused=True)
+    outs, vecs = [], []
+    for gt, gc in zip(g_total, g_cls):
+        if gt is not None and gc is not None and gt.requires_grad:
+            outs.append(gt)
+            vecs.append(gc.detach())
+    if not outs:
+        return 0.0
+    hvp = torch.autograd.grad(outs, params[:1], grad_outputs=vecs, allow_unused=True)[0]
+    return 0.0 if hvp is None else float(hvp.double().mean())
+
+
+def learnable_lr(epoch: int, lr0: float, halve_every: int = 20) -> float:
+    """The code's alpha step size at ``epoch``: ``lr0`` halved at every positive multiple of
+    ``halve_every`` (before that epoch's update), i.e. ``lr0 / 2 ** (epoch // halve_every)``."""
+    if halve_every <= 0:
+        return float(lr0)
+    return float(lr0) * 0.5 ** (int(epoch) // int(halve_every))
+
+
+def update_alpha2(alpha2: float, hypergrad: float, lr: float, bounds=ALPHA2_BOUNDS) -> float:
+    """``clip(alpha2 - lr * hypergrad, 0.05, 0.95)`` (alpha1 = 1 - alpha2)."""
+    lo, hi = bounds
+    return min(hi, max(lo, float(alpha2) - float(lr) * float(hypergrad)))

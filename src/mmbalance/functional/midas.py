@@ -128,6 +128,16 @@ def alpha_update_from_means(alpha: Tensor, mean_c: Tensor, mean_chat: Tensor, et
     return new, m_hat, delta
 
 
+def alpha_update_tensor(alpha: Tensor, mean_c: Tensor, mean_chat: Tensor, eta: float) -> Tensor:
+    """:func:`alpha_update_from_means` without leaving the device (no host sync): the same
+    float64 arithmetic on ``alpha``'s device; returns only the new alpha."""
+    m_hat = torch.argmin(mean_c).view(1)  # (index_select: a 0-d tensor index would be read on the host)
+    delta = torch.sign(mean_c.index_select(0, m_hat) - mean_chat.index_select(0, m_hat)).to(alpha.dtype)
+    value = (alpha.index_select(0, m_hat) + eta * delta).clamp_min(1.0)
+    hot = torch.arange(alpha.numel(), device=alpha.device) == m_hat
+    return torch.where(hot, value, torch.ones_like(alpha))
+
+
 def alpha_update(alpha: Tensor, c: Tensor, probs: Tensor, src_labels: Tensor, eta: float) -> Tuple[Tensor, int, float]:
     """Eqs. 5-7 on one batch of misaligned samples (``c`` [N, M], ``probs`` = softmax of their
     fused logits [N, K], ``src_labels`` [N, M])."""

@@ -80,6 +80,7 @@ from .base import LossOutput, Method, register_method
 
 @dataclass
 class AGMOptions:
+    tune_space = {"alpha": ("log", 0.25, 4.0)}  # mmbalance tune ranges (presets 1..3)
     alpha: float = 1.0
     start_epoch: int = 0
     end_epoch: int = 20

@@ -58,6 +58,10 @@ Decisions and deviations (each a switch or named here):
 * Clamp bounds are options (``coeff_min``, ``coeff_max``; the code's 0.1 and 0.9);
   ``coeff_min = coeff_max = 1`` keeps every filter (a no-op: joint training).
 * Logs (per batch): ``coeff_{m}`` (kept fraction ``c_m``) and ``ratio_{m}`` (``rho_m``).
+* Host syncs: the sample sizes ``ceil(C c_m)`` and each layer's selection statistics (is the
+  importance positive, how many filters are non-zero) are needed on the host; they are computed
+  on the device for every masked layer first and read back in one transfer per step, then the
+  masks are sampled in the original order (same generator draws, same masks).
 """
 from __future__ import annotations
 
@@ -78,6 +82,7 @@ from ..functional.amss import (
     filter_mask,
     num_kept,
     select_filters,
+    selection_stats,
 )
 from .base import Method, register_method
 from .gradients import head_block
@@ -154,7 +159,6 @@ class AMSS(Method):
         o = self.options
         co = self.coefficients(model, result.output.features, batch.labels)
         coeff = co["coeff"]
-        fractions = coeff.tolist()
         plus = self.plus and o.sample_mode == "adaptive"
         gens: Dict[torch.device, torch.Generator] = {}
 
@@ -164,34 +168,60 @@ class AMSS(Method):
             return gens[dev]
 
         with torch.no_grad():
+            # pass 1, on the device: the importance of every masked gradient (encoders, then the
+            # head's rows); the coefficients and every layer's selection statistics are read
+            # back in ONE transfer (not two host reads per layer)
+            layers = []  # (modality index, grad, importance)
             for i, m in enumerate(self.modalities):
                 for _, p in masked_parameters(model.encoders[m], o.params):
-                    if p.grad is None:
-                        continue
-                    imp = filter_importance(p.grad, p, o.gn_mode)
-                    sel = select_filters(imp, num_kept(imp.numel(), fractions[i]), o.sample_mode, gen(imp.device))
-                    mask = filter_mask(imp, sel, plus)
-                    p.grad.mul_(mask.to(p.grad.dtype).view(-1, *([1] * (p.grad.dim() - 1))))
+                    if p.grad is not None:
+                        layers.append((i, p.grad, filter_importance(p.grad, p, o.gn_mode)))
+            head = self._head_importances(model) if o.mask_head else []
+            imps = [imp for _, _, imp in layers] + [imp for _, _, imp in head]
+            host = torch.cat([coeff.detach().float().view(-1)] + [selection_stats(imp) for imp in imps]).tolist()
+            fractions, flat = host[:len(self.modalities)], host[len(self.modalities):]
+            stats = [flat[2 * j: 2 * j + 2] for j in range(len(imps))]
+            # pass 2: sample and mask in the original order (the generator is consumed identically)
+            for (i, grad, imp), st in zip(layers, stats):
+                sel = select_filters(imp, num_kept(imp.numel(), fractions[i]), o.sample_mode, gen(imp.device), st)
+                mask = filter_mask(imp, sel, plus, bool(st[0]))
+                grad.mul_(mask.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1))))
             if o.mask_head:
-                self._mask_head(model, fractions, plus, gen)
+                self._mask_head(model, fractions, plus, gen, head, stats[len(layers):])
         result.logs.update({f"coeff_{m}": coeff[i] for i, m in enumerate(self.modalities)})
         result.logs.update({f"ratio_{m}": co["ratio"][i] for i, m in enumerate(self.modalities)})
 
-    def _mask_head(self, model, fractions, plus, gen):
+    def _head_importances(self, model):
+        """``(modality index, row, importance)`` of every row of every modality's head block."""
         o = self.options
         fc = model.fusion.fc
         g = fc.weight.grad
         if g is None:
-            return
+            return []
+        out = []
         for i, m in enumerate(self.modalities):
             cols = head_block(model, m)
             block, w = g[:, cols], fc.weight[:, cols]
             d = block.shape[1]
-            n = int(d * fractions[i])  # the code's int(): floor
             for k in range(block.shape[0]):
-                imp = filter_importance(block[k].reshape(d, 1), w[k].reshape(d, 1), o.gn_mode)
-                sel = select_filters(imp, n, o.sample_mode, gen(imp.device))
-                block[k] = block[k] * filter_mask(imp, sel, plus).to(block.dtype)
+                out.append((i, k, filter_importance(block[k].reshape(d, 1), w[k].reshape(d, 1), o.gn_mode)))
+        return out
+
+    def _mask_head(self, model, fractions, plus, gen, head, stats):
+        o = self.options
+        g = model.fusion.fc.weight.grad
+        if g is None:
+            return
+        for i, m in enumerate(self.modalities):
+            cols = head_block(model, m)
+            block = g[:, cols]
+            d = block.shape[1]
+            n = int(d * fractions[i])  # the code's int(): floor
+            for (j, k, imp), st in zip(head, stats):
+                if j != i:
+                    continue
+                sel = select_filters(imp, n, o.sample_mode, gen(imp.device), st)
+                block[k] = block[k] * filter_mask(imp, sel, plus, bool(st[0])).to(block.dtype)
             g[:, cols] = block
 
 

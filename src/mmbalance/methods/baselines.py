@@ -76,7 +76,7 @@ class Ensemble(Method):
         losses = {m: F.cross_entropy(h, batch.labels) for m, h in heads.items()}
         loss = sum(losses.values())
         logits = self._average({m: h.detach() for m, h in heads.items()})
-        logs = {f"loss_{m}": float(v.detach()) for m, v in losses.items()}
+        logs = {f"loss_{m}": v.detach() for m, v in losses.items()}  # device tensors, read once per epoch
         return LossOutput(loss, ModelOutput(logits, feats, heads), logs)
 
     @staticmethod
@@ -117,5 +117,5 @@ class Multiloss(Method):
         fused = F.cross_entropy(out.logits, batch.labels)
         uni = {m: F.cross_entropy(h, batch.labels) for m, h in out.unimodal_logits.items()}
         loss = fused + self.options.unimodal_weight * sum(uni.values())
-        logs = {"loss_fused": float(fused.detach()), **{f"loss_{m}": float(v.detach()) for m, v in uni.items()}}
+        logs = {"loss_fused": fused.detach(), **{f"loss_{m}": v.detach() for m, v in uni.items()}}
         return LossOutput(loss, out, logs)

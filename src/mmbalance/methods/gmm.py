@@ -68,6 +68,7 @@ from .base import LossOutput, Method, register_method
 
 @dataclass
 class GMMOptions:
+    tune_space = {"beta": ("log", 0.1, 10.0), "gamma": ("log", 0.1, 10.0)}  # mmbalance tune ranges (ours)
     warmup_epochs: int = 30
     rounds: int = 5
     epochs_per_round: int = 10
@@ -189,14 +190,14 @@ class GMMAdaptive(Method):
         out = ModelOutput(fused, feats, {})
         if not self.is_adaptive(ctx.epoch) or self.gmm is None:
             loss, parts = warmup_loss(fused, uni[m1], uni[m2], batch.labels)
-            return LossOutput(loss, out, {k: float(v.detach()) for k, v in parts.items()})
+            return LossOutput(loss, out, {k: v.detach() for k, v in parts.items()})  # read once per epoch
         gap = modality_gap(uni[m1], uni[m2], batch.labels)
         w0, w1 = gmm_posteriors(gap, self.gmm)
         o = self.options
         lam = self.lam(ctx.epoch)
         loss, parts = adaptive_loss(fused, batch.labels, gap, w0, w1, self.gmm.mu0, lam, o.alpha, o.beta, o.gamma)
-        logs = {k: float(v.detach()) for k, v in parts.items()}
-        logs.update({"gap": float(gap.detach().mean()), "w_balanced": float(w0.mean()), "lambda": lam})
+        logs = {k: v.detach() for k, v in parts.items()}  # 0-d device tensors, read once per epoch
+        logs.update({"gap": gap.detach().mean(), "w_balanced": w0.detach().mean(), "lambda": lam})
         return LossOutput(loss, out, logs)
 
     def on_epoch_end(self, model, ctx):

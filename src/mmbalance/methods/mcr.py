@@ -88,6 +88,7 @@ from .base import LossOutput, Method, register_method
 
 @dataclass
 class MCROptions:
+    tune_space = {"lam_M": ("log", 1e-3, 0.3), "lambda_uni": ("log", 1e-3, 0.3)}  # mmbalance tune (presets span 1e-3..0.1)
     lam_M: float = 0.1  # weight of the game term (run.sh --l)
     lambda_uni: float = 0.01  # weight of each unimodal head's CE (run.sh --multil)
     num_samples: int = 32  # P, permutations per batch (run.sh --num_samples)
@@ -179,7 +180,8 @@ class MCR(Method):
         ce = F.cross_entropy(logits, y)
         uni = {m: F.cross_entropy(h, y) for m, h in heads.items()}
         loss = ce + o.lambda_uni * sum(uni.values())
-        logs = {"loss_fused": float(ce.detach()), **{f"loss_{m}": float(v.detach()) for m, v in uni.items()}}
+        # logs: 0-d device tensors (the trainer reads them once per epoch; no host sync per batch)
+        logs = {"loss_fused": ce.detach(), **{f"loss_{m}": v.detach() for m, v in uni.items()}}
 
         zs = [feats[m] for m in self.modalities]
         if o.lam_M > 0 and ctx.epoch >= o.start_epoch:
@@ -189,25 +191,25 @@ class MCR(Method):
             perms = random_permutations(len(y), o.num_samples, device=logits.device)
             game, jsd = mcr_game_loss(zs, ws, bias, logits, perms, o.strategy, o.lam_M, o.fusion_in_game, o.subsets)
             loss = loss + game
-            logs["loss_game"] = float(game.detach())
+            logs["loss_game"] = game.detach()
             logs["game_terms"] = float(len(jsd))
             with torch.no_grad():
-                base_acc = float((logits.argmax(1) == y).float().mean())
+                base_acc = (logits.argmax(1) == y).float().mean()
                 yr = y.repeat(o.num_samples)
                 for subset, v in jsd.items():
-                    logs["jsd_" + "+".join(self.modalities[i] for i in subset)] = float(v)
+                    logs["jsd_" + "+".join(self.modalities[i] for i in subset)] = v.detach()
                 for i, m in enumerate(self.modalities):
                     pert = perturbed_logits(zs, ws, bias, i, perms)
-                    acc = float((pert.argmax(1) == yr).float().mean())
-                    logs[f"perm_acc_{m}"] = acc / base_acc if base_acc > 0 else 0.0
+                    acc = (pert.argmax(1) == yr).float().mean()
+                    logs[f"perm_acc_{m}"] = torch.where(base_acc > 0, acc / base_acc, torch.zeros_like(acc))
         if o.con_weight > 0:
             emb = [model.extras["mcr_proj"][m](z) for m, z in zip(self.modalities, zs)] if self.project else zs
             con = supervised_nt_xent(torch.cat(emb), y.repeat(len(emb)), o.temperature)
             loss = loss + o.con_weight * con
-            logs["loss_con"] = float(con.detach())
+            logs["loss_con"] = con.detach()
         if o.ceb_weight > 0:
             rec = model.extras["mcr_ceb"](logits.detach())
             ceb = F.mse_loss(rec.float(), torch.cat(zs, dim=1).float())
             loss = loss + o.ceb_weight * ceb
-            logs["loss_ceb"] = float(ceb.detach())
+            logs["loss_ceb"] = ceb.detach()
         return LossOutput(loss, ModelOutput(logits, feats, heads), logs)

@@ -50,7 +50,10 @@ Decisions and deviations (each a switch where one exists):
 * ``on_epoch_end`` logs ``alpha_<modality>``, the weights at the end of the epoch (before a
   reset at the next epoch start).
 * Method state is ``alpha`` only, a list of floats (checkpoints load with
-  ``torch.load(weights_only=True)``).
+  ``torch.load(weights_only=True)``). During training alpha is a float64 device tensor updated on
+  the device (``alpha_update_tensor``: the same arithmetic as ``alpha_update_from_means``), so a
+  step makes one host sync (the ``nonzero`` of the valid rows) instead of reading the batch
+  means back.
 * M > 2 (App. A.2): sources ``K_i = (i, j, k_1..k_{M-2})`` with ``y_j != y_i`` (so >= 2 distinct
   labels) and ``k`` uniform over the other rows; a random assignment of sources to modalities
   per row (sample A) and the same assignment rotated by one modality (sample B), so two
@@ -67,7 +70,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed as D
-from ..functional.midas import (alpha_update_from_means, confidence_labels, hard_weights,
+from ..functional.midas import (alpha_update_tensor, confidence_labels, hard_weights,
                                 misaligned_loss, misaligned_sources, normalised_multimodal_confidence,
                                 random_assignments, sample_extra_sources, sample_partners,
                                 source_confidences)
@@ -78,6 +81,7 @@ from .base import LossOutput, Method, register_method
 
 @dataclass
 class MIDASOptions:
+    tune_space = {"lam": ("log", 0.2, 10.0), "eta": ("log", 0.01, 0.2)}  # mmbalance tune ranges (ours)
     lam: float = 1.0  # weight of the misaligned loss (App. A.3: 5 for Kinetics-Sounds, 1 otherwise)
     eta: float = 0.05  # weak-modality weight step size
     warmup_epochs: int = 5  # L_uni-only epochs (not reported)
@@ -109,8 +113,19 @@ class MIDAS(Method):
 
     def __init__(self, options, modalities, num_classes):
         super().__init__(options, modalities, num_classes)
-        self.alpha: List[float] = [1.0] * len(self.modalities)
+        self.alpha = [1.0] * len(self.modalities)
         self._pending: Optional[torch.Tensor] = None  # [sum c (M), sum c^ (M), count] of the last batch
+
+    # alpha lives on the device as a float64 tensor (updated there every step, no host sync); the
+    # ``alpha`` attribute reads and writes it as a list of floats (state, logs, tests)
+    @property
+    def alpha(self) -> List[float]:
+        return [float(a) for a in self._alpha_t.tolist()]
+
+    @alpha.setter
+    def alpha(self, value) -> None:
+        dev = getattr(self, "_alpha_t", torch.zeros(0)).device
+        self._alpha_t = torch.as_tensor([float(a) for a in value], dtype=torch.float64).to(dev)
 
     def configure_model(self, model_cfg):
         model_cfg.unimodal_heads = True
@@ -128,7 +143,8 @@ class MIDAS(Method):
         heads = model.head_logits(feats)
         uni_terms = {m: F.cross_entropy(heads[m], y) for m in mods}
         l_uni = sum(uni_terms.values())
-        logs = {f"loss_uni_{m}": float(v.detach()) for m, v in uni_terms.items()}
+        # logs are 0-d device tensors: the trainer reads them once per epoch
+        logs = {f"loss_uni_{m}": v.detach() for m, v in uni_terms.items()}
         if ctx.epoch < o.warmup_epochs:  # phase 1: L_uni only, g_f untouched
             self._pending = None
             with torch.no_grad():
@@ -156,17 +172,19 @@ class MIDAS(Method):
                 w = hard_weights([feats[m] for m in mods], src, anchor)
             src_labels = y[src]  # [N, M]
             mis_logits = model.fuse({m: feats[m][src[:, k]] for k, m in enumerate(mods)})
-            alpha = torch.tensor(self.alpha, device=dev)
+            if self._alpha_t.device != dev:
+                self._alpha_t = self._alpha_t.to(dev)
+            alpha = self._alpha_t.float()  # as torch.tensor(list of floats) gave: float32
             per_row = 2 if o.mis_reduction == "mean" else 1  # two misaligned samples per row
             l_mis = misaligned_loss(mis_logits, src_labels, c, alpha, w).sum() / (b * per_row)
             with torch.no_grad():
                 chat = normalised_multimodal_confidence(mis_logits.detach().float().softmax(1), src_labels)
                 self._pending = torch.cat([c.sum(0).double(), chat.sum(0).double(),
                                            torch.tensor([float(n)], dtype=torch.float64, device=dev)])
-            logs["hard_weight"] = float(w.mean())
+            logs["hard_weight"] = w.detach().mean()
         loss = l_align + l_uni + o.lam * l_mis
-        logs.update({"loss_align": float(l_align.detach()), "loss_mis": float(l_mis.detach()),
-                     "valid_fraction": float(valid.float().mean())})
+        logs.update({"loss_align": l_align.detach(), "loss_mis": l_mis.detach(),
+                     "valid_fraction": valid.float().mean()})
         return LossOutput(loss, ModelOutput(fused, feats, heads), logs)
 
     def on_epoch_end(self, model, ctx):
@@ -175,13 +193,11 @@ class MIDAS(Method):
     def after_step(self, model, batch, result, ctx):
         if self._pending is None:
             return
-        nm = len(self.alpha)
+        nm = self._alpha_t.numel()
         tot = D.all_reduce_sum(self._pending)
         self._pending = None
-        count = float(tot[-1])
-        if count <= 0:
-            return
+        count = tot[-1]
         mean_c, mean_chat = tot[:nm] / count, tot[nm:2 * nm] / count
-        new, _, _ = alpha_update_from_means(torch.tensor(self.alpha, dtype=torch.float64), mean_c.cpu(),
-                                            mean_chat.cpu(), self.options.eta)
-        self.alpha = [float(a) for a in new]
+        alpha = self._alpha_t.to(tot.device)
+        new = alpha_update_tensor(alpha, mean_c, mean_chat, self.options.eta)
+        self._alpha_t = torch.where(count > 0, new, alpha)  # no misaligned rows: alpha unchanged

@@ -94,6 +94,7 @@ from .base import LossOutput, Method, register_method
 # --------------------------------------------------------------------------------------- MM
 @dataclass
 class MMOptions:
+    tune_space = {"lam": ("float", 0.05, 0.5)}  # mmbalance tune ranges (ours; the spec gives none)
     lambda_mode: str = "fixed"  # fixed | beta
     lam: float = 0.3  # fixed lambda in [0, 0.5]; the paper's choice (CREMA-D 0.3, KS 0.1), = its 0.7 / 0.9 runs
     gamma: float = 1.0  # Beta(gamma, gamma) for lambda_mode=beta (not reported)
@@ -146,6 +147,7 @@ class MM(Method):
 # --------------------------------------------------------------------------------------- B-MM
 @dataclass
 class BMMOptions:
+    tune_space = {"alpha": ("log", 0.03, 1.0)}  # mmbalance tune ranges (ours; Table 5 uses 0.1-0.3)
     alpha: float = 0.1  # lambda = tanh(alpha * rho) (Table 5: CREMA-D 0.1, Kinetics-Sounds 0.3)
     warmup_epochs: int = 10  # plain CE epochs (C-REMIX 10; Table 4: Kinetics-Sounds 5)
     rho_source: str = "online"  # online | eval_pass

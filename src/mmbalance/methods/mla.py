@@ -205,11 +205,12 @@ class MLA(Method):
         ctx.optimizer.zero_grad(set_to_none=to_none)
         with ctx.autocast():
             loss, z, out = ctx.run(_unimodal_forward, batch.inputs, batch.labels, m)
-        loss.backward()
+        ctx.backward(loss)
+        ctx.unscale_grads()  # (fp16) the projection reads true gradients
         if self.options.project and self.num_updates > 0:
             self._project(head, z, ctx)
         ctx.clip_grad()
-        ctx.optimizer.step()
+        ctx.optimizer_step()
         ctx.optimizer.zero_grad(set_to_none=to_none)
         self.num_updates += 1
         return z.detach(), out.detach(), loss.detach()
@@ -225,7 +226,7 @@ class MLA(Method):
             fused = model.fusion.combine(logits)
         ctx.optimizer.zero_grad(set_to_none=True)  # the code's ``del p.grad`` after the last sub-step
         total = torch.stack(list(losses.values())).mean()
-        logs = {f"loss_{m}": float(v) for m, v in losses.items()}
+        logs = {f"loss_{m}": v.detach() for m, v in losses.items()}  # device tensors, read once per epoch
         return LossOutput(total, ModelOutput(fused, feats, {}), logs)
 
     def zero_out_logits(self, model, output):

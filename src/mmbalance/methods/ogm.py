@@ -66,6 +66,7 @@ from .gradients import modulate_encoders
 
 @dataclass
 class OGMOptions:
+    tune_space = {"alpha": ("log", 0.05, 2.0)}  # mmbalance tune ranges (presets span 0.1..0.8)
     alpha: float = 0.1
     start_epoch: int = 0
     end_epoch: int = 50

@@ -79,7 +79,6 @@ from ..functional.ogm import (
     ogm_coefficient_tensor,
 )
 from ..functional.opm import (
-    drop_rows,
     opm_apply_drop,
     opm_drop_probabilities,
     opm_masks,
@@ -187,8 +186,9 @@ class OPM(Method):
     def dropped_loss(self, model, feats, labels, masks, q, logs) -> LossOutput:
         dropped, keep = opm_apply_drop({m: feats[m] for m in self.modalities}, masks, q, self.options.rescale)
         keep = keep.to(labels.device)
-        kept = drop_rows(dropped, keep)
-        rows = labels[keep]
+        idx = keep.nonzero().squeeze(1)  # the one data-dependent shape of the step
+        kept = {m: z.index_select(0, idx.to(z.device)) for m, z in dropped.items()}  # = drop_rows
+        rows = labels.index_select(0, idx)
         n_global = D.all_reduce_sum(keep.sum().float().view(1))
         logits = model.fuse(kept)
         logs["kept_fraction"] = keep.float().mean()
@@ -206,7 +206,7 @@ class OPM(Method):
         with ctx.autocast():
             result = ctx.run(lambda m, b: self.compute_loss(m, b, ctx), batch)
         ctx.optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
+        ctx.backward(result.loss)
         if self._skip:
             return result
         return self.finish_step(model, batch, result, ctx)

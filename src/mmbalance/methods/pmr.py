@@ -69,11 +69,13 @@ from ..functional.pmr import (
     ratios,
     weak_coefficients,
 )
+from ..functional.scores import true_class_prob
 from .base import LossOutput, Method, register_method
 
 
 @dataclass
 class PMROptions:
+    tune_space = {"alpha": ("log", 0.25, 4.0)}  # mmbalance tune ranges (presets 1..2)
     alpha: float = 1.0  # weight of the weaker modality's prototype cross-entropy
     start_epoch: int = 0
     end_epoch: int = 100  # inclusive, as the code's modulation_ends
@@ -179,7 +181,7 @@ class PMR(Method):
         sims = {m: prototype_logits(out.features[m].float(), self.prototypes[m].to(out.features[m].device), o.eps)
                 for m in self.modalities}
         with torch.no_grad():
-            scores = torch.stack([sims[m].softmax(1).gather(1, y.view(-1, 1)).sum() for m in self.modalities])
+            scores = torch.stack([true_class_prob(sims[m], y).sum() for m in self.modalities])  # fp32
             rho = ratios(D.all_reduce_sum(scores.double()))
             active = o.start_epoch <= ctx.epoch <= o.end_epoch
             beta = weak_coefficients(rho, o.alpha, o.coef) if active else torch.zeros_like(rho)

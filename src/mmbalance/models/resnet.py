@@ -7,6 +7,8 @@ style), for 28-112 px inputs on CPU.
 """
 from __future__ import annotations
 
+from typing import Dict, List, Tuple
+
 import torch
 from torch import Tensor, nn
 
@@ -71,6 +73,26 @@ class ResNet18Encoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.flatten(nn.functional.adaptive_avg_pool2d(self.trunk(x), 1), 1)
+
+    def stages(self) -> List[Tuple[str, nn.Module]]:
+        """``stem`` (conv1, bn, relu, maxpool), ``layer1``..``layer4``, ``pool`` (global average
+        pool, flatten): applied in order they compute :meth:`forward` exactly (the same modules,
+        not copies). See :mod:`mmbalance.models.stages`."""
+        t = self.trunk
+        return [("stem", nn.Sequential(t.conv1, t.bn1, t.relu, t.maxpool)), ("layer1", t.layer1),
+                ("layer2", t.layer2), ("layer3", t.layer3), ("layer4", t.layer4), ("pool", GlobalAvgPool())]
+
+    def stage_channels(self) -> Dict[str, int]:
+        """Channels of the feature maps ``[B, C, h, w]`` after the stages where a cross-modal block
+        may go (the residual stages)."""
+        return {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512}
+
+
+class GlobalAvgPool(nn.Module):
+    """``[B, C, h, w] -> [B, C]``: adaptive average pool to 1x1, flattened."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
 
 
 def ogm_init(module: nn.Module) -> None:

@@ -139,21 +139,22 @@ def write_run_report(run_dir: str | Path, out_dir: str | Path | None = None) -> 
         t = (test.get("modalities") or {}).get(m) or {}
         v = (val.get("modalities") or {}).get(m) or {}
         prow.append((m + (" (weak)" if m == res.get("weak_modality") else ""), _pct(t.get("zero_out_accuracy")),
-                     _pct(t.get("head_accuracy")), _pct(v.get("zero_out_accuracy")), _pct(v.get("head_accuracy")),
-                     _pct(late.get(m))))
+                     _pct(t.get("head_accuracy")), _pct(t.get("probe_accuracy")), _pct(v.get("zero_out_accuracy")),
+                     _pct(v.get("head_accuracy")), _pct(late.get(m))))
     if prow:
         body.append("<h2>Per modality</h2><p class=\"note\">zero-out: fused accuracy with only this modality "
                     "kept (the others zeroed); head: the modality's own classifier head, where the method has "
-                    "one. In %.</p>"
-                    + _table(["modality", "test zero-out", "test head", "val zero-out", "val head",
+                    "one; probe: a logistic regression on the frozen encoder's features, fitted on train. In %.</p>"
+                    + _table(["modality", "test zero-out", "test head", "test probe", "val zero-out", "val head",
                               f"val zero-out, mean of last {late.get('k', 'k')} epochs"], prow))
     bars: Dict[str, Dict[str, Optional[float]]] = {}
     for m in mods:
         t = (test.get("modalities") or {}).get(m) or {}
-        bars[m] = {"zero-out (test)": t.get("zero_out_accuracy"), "head (test)": t.get("head_accuracy")}
+        bars[m] = {"zero-out (test)": t.get("zero_out_accuracy"), "head (test)": t.get("head_accuracy"),
+                   "probe": t.get("probe_accuracy")}
         if diag:
             pm = (diag.get("per_modality") or {}).get(m) or {}
-            bars[m]["probe"] = pm.get("probe_accuracy")
+            bars[m]["probe"] = pm.get("probe_accuracy", bars[m]["probe"])
             bars[m]["alone (reference)"] = pm.get("reference_accuracy")
             bars[m]["Shapley (accuracy)"] = ((diag.get("shapley") or {}).get("accuracy") or {}).get(m)
     if any(v is not None for b in bars.values() for v in b.values()):
@@ -280,7 +281,7 @@ def write_bench_report(bench_dir: str | Path, reference: str = "joint") -> Path:
         sub = [r for r in rows if r["dataset"] == ds]
         seeds = sorted({r["seed"] for r in sub}, key=str)
         cols = (["accuracy", "macro_f1"] + [f"zero_out_{m}" for m in mods] + [f"late_zero_out_{m}" for m in mods]
-                + [f"head_{m}" for m in mods])
+                + [f"head_{m}" for m in mods] + [f"probe_{m}" for m in mods])
         cols = [c for c in cols if any(r.get(c) is not None for r in sub)]
         summ = S.summary(rows, ds, cols + ["samples_seen", "train_seconds"])
         labels = {"accuracy": "accuracy", "macro_f1": "macro-F1"}
@@ -288,6 +289,7 @@ def write_bench_report(bench_dir: str | Path, reference: str = "joint") -> Path:
             labels[f"zero_out_{m}"] = f"zero-out {m}"
             labels[f"late_zero_out_{m}"] = f"val zero-out {m}, late"
             labels[f"head_{m}"] = f"head {m}"
+            labels[f"probe_{m}"] = f"probe {m}"
         trs = []
         for meth, d in summ.items():
             n = len([r for r in sub if r["method"] == meth])
@@ -324,6 +326,13 @@ def write_bench_report(bench_dir: str | Path, reference: str = "joint") -> Path:
                                       for m in summ}, bench_dir / f"report_{slug}_weak_zero_out.png",
                                      title=f"{ds}: zero-out accuracy of the weak modality {weak}")
             body.append(_figure(png, f"Test accuracy with only the weak modality {weak} kept (zero-out), per method"))
+            if any(r.get(f"probe_{weak}") is not None for r in sub):
+                png = P.method_errorbars({m: S.mean_std([r.get(f"probe_{weak}") for r in sub if r["method"] == m])
+                                          for m in summ}, bench_dir / f"report_{slug}_weak_probe.png",
+                                         title=f"{ds}: linear-probe accuracy of the weak modality {weak}")
+                body.append(_figure(png, f"Test accuracy of a logistic regression on the frozen {weak} encoder's "
+                                         "features (fitted on train), per method: how much the encoder learned, "
+                                         "whatever the fused head makes of it"))
         png = P.cost_scatter(summ, bench_dir / f"report_{slug}_cost.png", title=f"{ds}: accuracy against training cost")
         body.append(_figure(png, "Mean test accuracy against samples seen per run (left) and train seconds (right)"))
     path = bench_dir / "report.html"

@@ -6,22 +6,26 @@ The command line calls :func:`build_run` with a config; from Python you may hand
 The trainer only takes parts; it never reads a dataset or model name itself.
 
 A method gets its say over the model here, whoever built it (:func:`attach_method`): unimodal
-heads are added when the method switches them on, its own fusion replaces the model's, and its
+heads are added when the method switches them on, its own fusion replaces the model's, the
+method may rebuild it (``Method.rebuild_model``: mid-level fusion between encoder stages), and its
 extra modules are attached as ``model.extras``.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
+
+import numpy as np
 
 import torch
 from torch import nn
 
 from ..config import Config, resolve_config
 from ..data import build_dataset
-from ..data.base import DataBundle
-from ..errors import ConfigError
+from ..data.base import DataBundle, Subset, stratified_holdout
+from ..errors import ConfigError, MethodSetupError
 from ..methods import build_method
 from ..methods.base import Method
 from ..models import build_model
@@ -56,8 +60,10 @@ def describe_model(model: MultimodalModel) -> str:
 
 
 def attach_method(method: Method, model: MultimodalModel, model_cfg: Any) -> MultimodalModel:
-    """Let ``method`` adapt ``model``: heads if it needs them, its own fusion, its extra modules.
-    ``method.configure_model(model_cfg)`` must have run before (it may switch the heads on)."""
+    """Let ``method`` adapt ``model``: heads if it needs them, its own fusion, a rebuilt model
+    (``Method.rebuild_model``, e.g. cross-modal blocks between encoder stages), its extra modules.
+    ``method.configure_model(model_cfg)`` must have run before (it may switch the heads on).
+    Returns the model to train -- a new object when the method rebuilt it; use the return value."""
     if not isinstance(model, MultimodalModel):
         raise ConfigError(f"the model must be a mmbalance MultimodalModel (build one from your encoders with "
                           f"MultimodalModel.from_encoders), got {type(model).__name__}")
@@ -71,6 +77,16 @@ def attach_method(method: Method, model: MultimodalModel, model_cfg: Any) -> Mul
     fusion = method.build_fusion(dict(model.feature_dims), model.num_classes, model_cfg)
     if fusion is not None:
         model.fusion = fusion
+    rebuilt = method.rebuild_model(model)
+    if rebuilt is not None:
+        if not isinstance(rebuilt, MultimodalModel):
+            raise MethodSetupError(f"method '{method.name}': rebuild_model must return a MultimodalModel, got "
+                                   f"{type(rebuilt).__name__}")
+        if list(rebuilt.modalities) != list(model.modalities) or rebuilt.num_classes != model.num_classes:
+            raise MethodSetupError(f"method '{method.name}': rebuild_model changed the modalities or classes "
+                                   f"({list(model.modalities)}, {model.num_classes} -> {list(rebuilt.modalities)}, "
+                                   f"{rebuilt.num_classes})")
+        model = rebuilt
     extras = method.extra_modules(model)
     if extras:
         model.extras = nn.ModuleDict(extras)
@@ -93,6 +109,12 @@ def optimizer_groups(method: Method, model: MultimodalModel, lr: float):
     if groups is None:
         return [p for p in model.parameters() if p.requires_grad]
     out = []
+    names = [g["name"] for g in groups if "name" in g]
+    bad = [n for n in names if not isinstance(n, str)]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if bad or dup:
+        raise MethodSetupError(f"method '{method.name}': parameter-group names must be unique strings "
+                               f"(got {'duplicates ' + str(dup) if dup else 'non-strings ' + str(bad)})")
     for g in groups:
         g = dict(g)
         scale = g.pop("lr_scale", None)
@@ -100,6 +122,36 @@ def optimizer_groups(method: Method, model: MultimodalModel, lr: float):
             g["lr"] = lr * float(scale)
         out.append(g)
     return out
+
+
+def holdout_seed(seed: int) -> int:
+    """The seed of the method holdout's stratified draw (a stream of its own, fixed by ``train.seed``)."""
+    return (seed * 1_000_003 + 4099) % (2**32)
+
+
+def carve_holdout(data: DataBundle, fraction: float, seed: int) -> Tuple[DataBundle, Optional[Subset]]:
+    """Remove a stratified, seeded ``fraction`` of the training split for a method (gap B).
+
+    Returns a shallow copy of ``data`` whose ``train`` and ``train_eval`` hold only the kept rows
+    (re-numbered 0..n-1: ``batch.index`` and ``train_size`` refer to them) and the held-out rows
+    as a dataset with EVAL transforms (a view of ``train_eval``). ``fraction`` 0 -> ``(data, None)``.
+    The same labels, fraction and seed always give the same rows (resume holds out the same).
+    """
+    fraction = float(fraction)
+    if fraction == 0.0:
+        return data, None
+    if not 0.0 < fraction < 0.5:
+        raise ConfigError(f"the method holdout must be a fraction in [0, 0.5) of the training split, got {fraction}")
+    labels = np.asarray(data.train.labels)
+    keep, held = stratified_holdout(labels, fraction, holdout_seed(seed))
+    if len(held) == 0 or len(keep) == 0:
+        raise ConfigError(f"a method holdout of {fraction} leaves no rows on one side ({len(keep)} kept, "
+                          f"{len(held)} held out of {len(labels)}); use a larger fraction or more data")
+    train_eval = data.train_eval if data.train_eval is not None else data.train
+    splits = dict(data.splits)
+    splits["train"] = Subset(data.train, keep)
+    carved = dataclasses.replace(data, splits=splits, train_eval=Subset(train_eval, keep))
+    return carved, Subset(train_eval, held)
 
 
 def make_config(method: str = "joint", overrides: Sequence[str] = (), config_file: Optional[str] = None,
@@ -139,6 +191,7 @@ def build_run(cfg: Config, *, data: Optional[DataBundle] = None,
         cfg.data_options = None
     check_bundle(data)
     method = build_method(cfg.method.name, cfg.method_options, data.modalities, data.num_classes)
+    method.data_name = cfg.data.name
     method.configure_model(cfg.model)
     unknown = [m for m in cfg.model.encoders if m not in data.modalities]
     if unknown:
@@ -151,5 +204,5 @@ def build_run(cfg: Config, *, data: Optional[DataBundle] = None,
         model = build_model(data.modalities, data.input_shapes, data.num_classes, cfg.model, data.encoder_hints)
     else:
         cfg.model.custom = describe_model(model)
-    attach_method(method, model, cfg.model)
+    model = attach_method(method, model, cfg.model)
     return RunParts(cfg, data, method, model)

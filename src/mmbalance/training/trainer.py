@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
@@ -18,28 +19,76 @@ import yaml
 from torch import nn
 
 from .. import distributed as D
-from ..config import Config, config_from_dict, overrides_to_dict
+from ..config import (SECTIONS, Config, config_from_dict, defaults_dict, overrides_to_dict,
+                      upgrade_legacy_keys)
 from ..data import collate
 from ..data.base import DataBundle
 from ..data.batch import Batch
-from ..errors import ConfigError, MMBalanceError
+from ..data.fastpath import tensor_batches, tensor_source
+from ..errors import ConfigError, MethodSetupError, MMBalanceError
 from ..evaluation import evaluate
 from ..methods.base import LossOutput, TrainContext
 from ..models.multimodal import MultimodalModel
-from .build import RunParts, build_run, optimizer_groups, seed_everything
+from .build import RunParts, build_run, carve_holdout, optimizer_groups, seed_everything
 from .checkpoint import load_checkpoint, save_checkpoint, write_text
 
 #: config keys that may differ between a checkpoint and a resumed run (they change no trained value
 #: up to the checkpoint): extend ``epochs``, change patience, logging, threads and data plumbing
 RESUME_SAFE_KEYS = ("train.epochs", "train.early_stopping", "train.progress", "train.threads",
                     "train.tensorboard", "train.eval_every", "data.num_workers", "data.eval_batch_size",
-                    "data.root", "data.cache")
+                    "data.root", "data.cache", "train.diagnose", "train.probe")
 #: files and folders of a run in its output folder
 RUN_FILES = ("config.yaml", "metrics.jsonl", "result.json", "skipped.json", "checkpoints", "tensorboard")
 #: parameters below this count train on one CPU thread by default (see ``train.threads``)
 SMALL_MODEL_PARAMS = 2_000_000
 #: how many of the last evaluated epochs the end-of-run averages cover
 LAST_K = 5
+#: training batches between checks for a non-finite loss (one host sync each; also at epoch end)
+NONFINITE_CHECK_EVERY = 50
+
+
+class _EpochSums:
+    """Per-epoch training sums kept on the device: the loss and every log (each times its batch
+    size, float64: the same additions as Python floats, so the epoch means are unchanged), the
+    correct count, and the first non-finite loss (batch index and value). Reading them
+    (:meth:`read`, :meth:`check_finite`) is the only host sync."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.long, device=device)
+        self.sums: Dict[str, torch.Tensor] = {}
+        self.bad_batch = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_value = torch.zeros((), dtype=torch.float64, device=device)
+
+    def add_loss(self, loss: torch.Tensor, b: int, i: int) -> None:
+        value = loss.detach().to(self.device, torch.float64).reshape(())
+        first = (~torch.isfinite(value)) & (self.bad_batch < 0)
+        self.bad_batch = torch.where(first, torch.full_like(self.bad_batch, i), self.bad_batch)
+        self.bad_value = torch.where(first, value, self.bad_value)
+        self.loss = self.loss + value * b
+
+    def add_correct(self, hits: torch.Tensor) -> None:
+        self.correct = self.correct + hits.sum().to(self.device)
+
+    def add(self, key: str, value: Any, b: int) -> None:
+        if isinstance(value, torch.Tensor):
+            value = value.detach().to(self.device, torch.float64).reshape(())
+        else:
+            value = float(value)
+        prev = self.sums.get(key)
+        self.sums[key] = (prev if prev is not None else torch.zeros((), dtype=torch.float64, device=self.device)) \
+            + value * b
+
+    def check_finite(self, epoch: int, method: str) -> None:
+        if int(self.bad_batch) >= 0:
+            raise MMBalanceError(f"loss became {float(self.bad_value)} at epoch {epoch}, batch {int(self.bad_batch)} "
+                                 f"(method {method}); lower optim.lr or check the inputs "
+                                 f"(raw features: data.standardize=auto)")
+
+    def read(self, keys: Sequence[str]):
+        vec = torch.stack([self.loss, self.correct.to(torch.float64)] + [self.sums[k] for k in keys]).cpu().tolist()
+        return vec[0], int(vec[1]), dict(zip(keys, vec[2:]))
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -52,8 +101,10 @@ def _worker_init(_: int) -> None:
 
 
 class _IndexSampler(torch.utils.data.Sampler):
-    def __init__(self, indices: Sequence[int]):
-        self.indices = [int(i) for i in indices]
+    """Yields the given entries in order: indices, or ``(index, tag)`` pairs (see :class:`_Tagged`)."""
+
+    def __init__(self, indices: Sequence[Any]):
+        self.indices = [i if isinstance(i, tuple) else int(i) for i in indices]
 
     def __iter__(self):
         return iter(self.indices)
@@ -62,7 +113,58 @@ class _IndexSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
-def make_loader(dataset, indices: Sequence[int], batch_size: int, num_workers: int, pin: bool = False):
+class _Tagged(torch.utils.data.Dataset):
+    """A dataset read with sampler entries that may be ``(index, tag)`` pairs: the sample gets
+    ``tag`` (collated into ``Batch.tag``); a plain index reads the sample as it is (tag -1)."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            sample = dict(self.base[key[0]])
+            sample["tag"] = key[1]
+            return sample
+        return self.base[key]
+
+
+def sampler_order(order: Any, n: int, method: str = "?") -> List[Any]:
+    """A method sampler's order as a list of ``int`` indices and ``(int, int)`` (index, tag) pairs,
+    checked: indices in [0, n), tags >= 0 (-1 is "untagged"). Accepts a 1-D tensor of indices or an
+    [N, 2] tensor of pairs."""
+    if isinstance(order, torch.Tensor):
+        if order.dim() == 2 and order.shape[1] == 2:
+            order = [tuple(r) for r in order.tolist()]
+        elif order.dim() == 1:
+            order = order.tolist()
+        else:
+            raise MMBalanceError(f"method '{method}': sampler returned a tensor of shape {list(order.shape)}; "
+                                 f"expected [N] indices or [N, 2] (index, tag) pairs")
+    out: List[Any] = []
+    for e in order:
+        if isinstance(e, (tuple, list)):
+            if len(e) != 2:
+                raise MMBalanceError(f"method '{method}': sampler entry {e!r} is not an index or an (index, tag) pair")
+            i, tag = int(e[0]), int(e[1])
+            if tag < -1:
+                raise MMBalanceError(f"method '{method}': sampler entry {e!r} has tag {tag}; tags are >= 0 "
+                                     f"(-1 = untagged)")
+            out.append((i, tag))
+        else:
+            i = int(e)
+            out.append(i)
+        if not 0 <= i < n:
+            raise MMBalanceError(f"method '{method}': sampler entry {e!r} is outside the training split "
+                                 f"(indices 0..{n - 1})")
+    return out
+
+
+def make_loader(dataset, indices: Sequence[Any], batch_size: int, num_workers: int, pin: bool = False):
+    if any(isinstance(i, tuple) for i in indices):
+        dataset = _Tagged(dataset)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=_IndexSampler(indices), collate_fn=collate,
         num_workers=num_workers, worker_init_fn=_worker_init if num_workers else None,
@@ -132,9 +234,22 @@ def flatten_tree(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 
 def config_differences(a: Dict[str, Any], b: Dict[str, Any], ignore: Sequence[str] = RESUME_SAFE_KEYS) -> List[str]:
-    """Dotted keys whose values differ between two config trees (``ignore``d keys left out)."""
-    fa, fb = flatten_tree(a), flatten_tree(b)
-    return sorted(k for k in set(fa) | set(fb) if k not in ignore and fa.get(k) != fb.get(k))
+    """Dotted keys whose values differ between two config trees (``ignore``d keys left out). Old
+    trees are read as today's (:func:`~mmbalance.config.upgrade_legacy_keys`: ``train.bf16``), and
+    a key one tree lacks (added to the config since it was saved) counts as equal when the other
+    holds its default value."""
+    fa, fb = flatten_tree(upgrade_legacy_keys(a)), flatten_tree(upgrade_legacy_keys(b))
+    defaults = flatten_tree({sec: defaults_dict(cls) for sec, cls in SECTIONS.items()})
+    missing = object()
+
+    def same(k: str) -> bool:
+        va, vb = fa.get(k, missing), fb.get(k, missing)
+        if va is missing:
+            va = defaults.get(k, missing)
+        if vb is missing:
+            vb = defaults.get(k, missing)
+        return va == vb
+    return sorted(k for k in set(fa) | set(fb) if k not in ignore and not same(k))
 
 
 class Trainer:
@@ -162,10 +277,25 @@ class Trainer:
             if self.device.type == "cuda":
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
                 torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fastest conv algorithms (not bit-reproducible)
+        if t.precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError(f"train.precision=fp16 needs a CUDA device (fp16 autocast with a GradScaler); "
+                              f"on {self.device.type} use train.precision=bf16 or fp32")
+        #: fp16 only: loss scaling (methods backpropagate through ctx.backward, so gradient hooks
+        #: see unscaled gradients; see Method.finish_step)
+        self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
         if parts is None:
             parts = build_run(cfg, data=data if data is not None else bundle, model=model)
         self.cfg, self.bundle, self.method, self.model = parts.cfg, parts.data, parts.method, parts.model
+        # gap B: the method's holdout leaves train before anything (sampler, passes) sees it
+        frac = self.cfg.data.method_holdout or float(self.method.holdout_fraction())
+        if not 0.0 <= frac < 0.5:
+            raise MethodSetupError(f"method '{self.method.name}': holdout_fraction() must be in [0, 0.5), got {frac}")
+        self.bundle, self.holdout = carve_holdout(self.bundle, frac, t.seed)
         b = self.bundle
+        #: gap E: dynamic LR multipliers by parameter-group name (ctx.set_lr_scale)
+        self.lr_scales: Dict[str, float] = {}
         self.threads = self._pick_threads()
         self.model.to(self.device)
         if self.cfg.model.channels_last:
@@ -177,7 +307,14 @@ class Trainer:
             reset_optimizer=self._reset_optimizer, train_eval_batches=self._train_eval_batches,
             val_batches=self._val_batches,
             train_size=len(b.train), train_labels=b.train.labels, autocast=self._autocast,
-            grad_clip=self.cfg.train.grad_clip, seed=self.cfg.train.seed)
+            grad_clip=self.cfg.train.grad_clip, seed=self.cfg.train.seed,
+            train_batches=self._train_pass, holdout_batches=self._holdout_batches,
+            holdout_size=len(self.holdout) if self.holdout is not None else 0,
+            make_optimizer=self._make_optimizer, set_lr_scale=self._set_lr_scale)
+        self.ctx._lr_scales = self.lr_scales
+        #: saved method optimiser / scheduler states not yet loaded (the method creates them later)
+        self._pending_method_states: Dict[str, Dict[str, Any]] = {}
+        self.ctx.grad_scaler = self.scaler
         self._open_engine()
         self.start_epoch = 0
         self.best_val = -1.0
@@ -185,8 +322,10 @@ class Trainer:
         self.bad_epochs = 0
         self.train_seconds = 0.0
         self.samples_seen = 0
+        self._extra_seen = 0  # rows of ctx.train_batches passes (copies, teachers) since the last epoch end
         self.history: List[Dict[str, Any]] = []
         self.writer = None
+        self.method.setup(self.model, self.ctx)
 
     @property
     def data(self) -> DataBundle:
@@ -210,11 +349,43 @@ class Trainer:
     def _reset_optimizer(self) -> None:
         self._build_optimizer()
         self.ctx.optimizer = self.optimizer
+        self._apply_lr_scales()
+
+    def _make_optimizer(self, params, lr: Optional[float] = None) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        if lr is not None:
+            cfg = copy.copy(cfg)
+            cfg.optim = copy.copy(cfg.optim)
+            cfg.optim.lr = float(lr)
+        return build_optimizer(cfg, params)
+
+    def _set_lr_scale(self, name: str, scale: float) -> None:
+        known = [g.get("name") for g in self.optimizer.param_groups if g.get("name") is not None]
+        if name not in known:
+            raise KeyError(f"no parameter group named {name!r}; the optimiser's named groups are "
+                           f"{known or 'none'} (name them in Method.param_groups)")
+        scale = float(scale)
+        if not (math.isfinite(scale) and scale >= 0):
+            raise ValueError(f"LR scale of group {name!r} must be a finite number >= 0, got {scale}")
+        self.lr_scales[name] = scale
+        self._apply_lr_scales()
+
+    def _apply_lr_scales(self) -> None:
+        """lr = the schedule's lr for the group (which includes its static ``lr_scale``) x the
+        group's dynamic scale; called after every schedule step, reset and restore."""
+        if not self.lr_scales:
+            return
+        scheduled = self.scheduler.get_last_lr()
+        for g, lr in zip(self.optimizer.param_groups, scheduled):
+            name = g.get("name")
+            if name in self.lr_scales:
+                g["lr"] = lr * self.lr_scales[name]
 
     def _autocast(self):
-        if not self.cfg.train.bf16:
+        p = self.cfg.train.precision
+        if p == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16 if p == "bf16" else torch.float16)
 
     def _to_device(self, batch: Batch) -> Batch:
         batch = batch.to(self.device, non_blocking=True)
@@ -232,10 +403,35 @@ class Trainer:
             idx = idx + idx[: ws - len(idx) % ws]
         return idx[D.rank()::ws]
 
+    def _num_workers(self) -> int:
+        """``data.num_workers``; -1 (auto) = 0 on CPU, min(4, cores - 1) on CUDA."""
+        n = self.cfg.data.num_workers
+        if n >= 0:
+            return n
+        return min(4, max(0, (os.cpu_count() or 1) - 1)) if self.device.type == "cuda" else 0
+
     def _batches(self, dataset, indices, batch_size) -> Iterator[Batch]:
-        loader = make_loader(dataset, indices, batch_size, self.cfg.data.num_workers, self.device.type == "cuda")
+        pin = self.device.type == "cuda"
+        source = tensor_source(dataset)
+        if source is not None:  # in-memory tensors: sliced, no DataLoader (identical batches)
+            for batch in tensor_batches(source, indices, batch_size, pin=pin):
+                yield self._to_device(batch)
+            return
+        loader = make_loader(dataset, indices, batch_size, self._num_workers(), pin)
         for batch in loader:
             yield self._to_device(batch)
+
+    def _train_pass(self, generator: torch.Generator, batch_size: Optional[int] = None) -> Iterator[Batch]:
+        """``ctx.train_batches``: its rows count in ``samples_seen`` (a fair training cost)."""
+        ds = self.bundle.train
+        order = self._shard(torch.randperm(len(ds), generator=generator).tolist(), pad=True)
+        for batch in self._batches(ds, order, batch_size or self.cfg.data.batch_size):
+            self._extra_seen += len(batch)
+            yield batch
+
+    def _holdout_batches(self, batch_size: Optional[int] = None) -> Iterator[Batch]:
+        ds = self.holdout
+        return self._batches(ds, range(len(ds)), batch_size or self.cfg.data.eval_batch_size)
 
     def _train_eval_batches(self) -> Iterator[Batch]:
         ds = self.bundle.train_eval
@@ -271,7 +467,11 @@ class Trainer:
                 "epoch": epoch, "best_val": self.best_val, "best_epoch": self.best_epoch,
                 "bad_epochs": self.bad_epochs, "train_seconds": self.train_seconds,
                 "samples_seen": self.samples_seen, "global_step": self.ctx.global_step,
+                "lr_scales": dict(self.lr_scales),
+                "method_optimizers": {k: o.state_dict() for k, o in self.method.optimizers().items()},
+                "method_schedulers": {k: o.state_dict() for k, o in self.method.schedulers().items()},
                 "config": self.cfg.to_dict(),
+                "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "data_transform": self.bundle.transform_state}
 
     def load_state(self, state: Dict[str, Any], *, weights_only: bool = False) -> None:
@@ -288,6 +488,34 @@ class Trainer:
         self.train_seconds = float(state["train_seconds"])
         self.samples_seen = int(state["samples_seen"])
         self.ctx.global_step = int(state.get("global_step", 0))
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])  # fp16: the loss scale continues
+        self.lr_scales.clear()
+        self.lr_scales.update({k: float(v) for k, v in (state.get("lr_scales") or {}).items()})
+        self._apply_lr_scales()
+        self._load_method_optimizers(state)
+
+    def _load_method_optimizers(self, state: Dict[str, Any], final: bool = False) -> None:
+        """Gap G: after the model and the method's state are back, the method's optimisers (and
+        schedulers) -- recreated by the method from its state -- get their saved states. Those the
+        method creates later (lazily in ``on_epoch_start``) are loaded after that hook
+        (``final=True``: still missing is an error)."""
+        pending: Dict[str, Dict[str, Any]] = {}
+        for key, current in (("method_optimizers", self.method.optimizers()),
+                             ("method_schedulers", self.method.schedulers())):
+            saved = state.get(key) or {}
+            missing = [k for k in saved if k not in current]
+            if missing and final:
+                raise MMBalanceError(f"method '{self.method.name}': the checkpoint holds {key.replace('_', ' ')} "
+                                     f"{missing} that the restored method does not return from "
+                                     f"{key.split('_')[1]}() even after on_epoch_start (create them "
+                                     f"deterministically from the method's own state, or in setup())")
+            for k, st in saved.items():
+                if k in current:
+                    current[k].load_state_dict(st)
+                else:
+                    pending.setdefault(key, {})[k] = st
+        self._pending_method_states = pending
 
     def resume(self) -> None:
         """Load ``last.pt``; refuses when its config differs from this run's (other than
@@ -355,47 +583,63 @@ class Trainer:
         ctx.epoch = epoch
         method.on_epoch_start(model, ctx)
         n = len(self.bundle.train)
+        if self._pending_method_states:
+            self._load_method_optimizers(self._pending_method_states, final=True)
         order = method.sampler(n, epoch, gen)
         if order is None:
             order = torch.randperm(n, generator=gen).tolist()
+        else:
+            order = sampler_order(order, n, method.name)
         order = self._shard(order, pad=True)
         bs = cfg.data.batch_size
         ctx.num_batches = (len(order) + bs - 1) // bs
         model.train()
-        sums: Dict[str, float] = {}
-        correct = seen = 0
-        loss_sum = 0.0
+        # the running sums stay on the device (float64, the same sequence of additions as Python
+        # floats): no host sync per batch; read once at the end of the epoch
+        acc = _EpochSums(self.device)
+        seen = 0
         batches = self._batches(self.bundle.train, order, bs)
         for i, batch in enumerate(self._progress(batches, ctx.num_batches, f"epoch {epoch}")):
             ctx.batch_idx = i
             res: LossOutput = method.training_step(model, batch, ctx)
-            if not torch.isfinite(res.loss.detach()):
-                raise MMBalanceError(f"loss became {float(res.loss.detach())} at epoch {epoch}, batch {i} "
-                                     f"(method {method.name}); lower optim.lr or check the inputs "
-                                     f"(raw features: data.standardize=auto)")
             ctx.global_step += 1
             b = len(batch)
-            loss_sum += float(res.loss.detach()) * b
+            acc.add_loss(res.loss, b, i)
             seen += b
             if res.output is not None:
                 labels = res.labels if res.labels is not None else batch.labels
                 if res.output.logits.shape[0] == labels.shape[0]:
-                    correct += int((res.output.logits.detach().argmax(1) == labels).sum())
+                    acc.add_correct(res.output.logits.detach().argmax(1) == labels)
             for k, v in res.logs.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * b
+                acc.add(k, v, b)
+            if (i + 1) % NONFINITE_CHECK_EVERY == 0:
+                acc.check_finite(epoch, method.name)
+        acc.check_finite(epoch, method.name)
         # every process reports the same (global) numbers
-        keys = sorted(sums)
-        tot = D.all_reduce_sum(torch.tensor([loss_sum, float(seen), float(correct)] + [sums[k] for k in keys],
+        keys = sorted(acc.sums)
+        loss_sum, correct, sums = acc.read(keys)
+        extra = method.on_epoch_end(model, ctx)
+        extra_seen, self._extra_seen = self._extra_seen, 0
+        tot = D.all_reduce_sum(torch.tensor([loss_sum, float(seen), float(correct), float(extra_seen)]
+                                            + [sums[k] for k in keys],
                                             dtype=torch.float64)).tolist()
-        loss_sum, seen, correct = tot[0], int(tot[1]), tot[2]
-        self.samples_seen += seen
+        loss_sum, seen, correct, extra_seen = tot[0], int(tot[1]), tot[2], int(tot[3])
+        # samples_seen: the main steps' rows plus the rows of the method's extra training passes
+        # (ctx.train_batches, in any hook of this epoch: G-Blending's copies, UMT's teachers)
+        self.samples_seen += seen + extra_seen
         logs = {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
                 "train_samples": seen}
-        logs.update({k: v / max(seen, 1) for k, v in zip(keys, tot[3:])})
-        extra = method.on_epoch_end(model, ctx)
+        if extra_seen:
+            logs["extra_train_samples"] = extra_seen
+        logs.update({k: v / max(seen, 1) for k, v in zip(keys, tot[4:])})
         if extra:
             logs.update({k: float(v) for k, v in extra.items()})
-        self.scheduler.step()
+        with warnings.catch_warnings():  # methods that step only their own optimisers (ReconBoost, UME)
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            self.scheduler.step()
+        self._apply_lr_scales()
+        for sched in method.schedulers().values():
+            sched.step()
         return logs
 
     def fit(self, resume: bool = False) -> Dict[str, Any]:
@@ -502,12 +746,18 @@ class Trainer:
             "class_names": self.bundle.class_names,
             "test": _strip(test), "val": _strip(val),
             "skipped_samples": len(self.bundle.skipped),
+            "holdout_size": len(self.holdout) if self.holdout is not None else 0,
         }
         warmup = getattr(self.method.options, "warmup_epochs", None)
         if isinstance(warmup, int) and not isinstance(warmup, bool):
             result["warmup_epochs"] = warmup
             result["best_epoch_in_warmup"] = bool(0 <= self.best_epoch < warmup)
         result.update(self._late_zero_out(test))
+        if self.cfg.train.probe and self.is_main:
+            from ..diagnostics.diagnose import probe_accuracies
+            for m, acc in probe_accuracies(self.model, self.bundle, "test", self.device,
+                                           self.cfg.data.eval_batch_size, seed=self.cfg.train.seed).items():
+                result["test"]["modalities"][m]["probe_accuracy"] = acc
         if self.cfg.train.diagnose and self.is_main:
             from ..diagnostics import diagnose
             diag = diagnose(self.model, self.method, self.bundle, device=self.device)
