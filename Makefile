@@ -13,7 +13,8 @@ env: $(BIN)/mmbalance
 
 demo: env
 	$(BIN)/mmbalance bench --out runs/quick-bench
-	$(BIN)/mmbalance diagnose runs/quick-bench/synthetic/joint/seed0
+	$(BIN)/mmbalance train --dataset synthetic --method unimodal --out runs/quick-bench-x2-alone --overwrite --quiet method.modality=x2
+	$(BIN)/mmbalance diagnose runs/quick-bench/synthetic/joint/seed0 --reference runs/quick-bench/synthetic/unimodal/seed0 --reference runs/quick-bench-x2-alone
 	$(BIN)/mmbalance report runs/quick-bench/synthetic/joint/seed0
 	@echo "reports: runs/quick-bench/report.html (every method) and runs/quick-bench/synthetic/joint/seed0/report.html (one run, with diagnostics)"
 

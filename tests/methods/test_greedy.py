@@ -278,3 +278,22 @@ def test_cli_end_to_end(tmp_path):
 def test_resume_is_exact_mid_curation(tmp_path):
     resume_is_exact("greedy", SMALL + ["method.start_epoch=1", "method.window=4", "method.cur_every=2"],
                     total_epochs=4, stop_after=2, tmp_path=tmp_path)
+
+
+def test_zero_out_is_the_branch_with_the_other_input_zeroed():
+    """Evaluation: zero_out[m] = branch m's logits from a pass with the other modality's input set
+    to zeros -- not the normal pass's branch logits, which see the other modality through MMTM."""
+    tr = _trainer()
+    tr.model.eval()
+    batch = next(iter(tr._batches(tr.bundle.test, range(16), 16)))
+    with torch.no_grad():
+        zl = tr.method.zero_out_logits(tr.model, tr.method.predict(tr.model, batch))
+        for m, other in (("m1", "m2"), ("m2", "m1")):
+            alone = dict(batch.inputs)
+            alone[other] = torch.zeros_like(alone[other])
+            want = tr.model.modality_logits(tr.model(alone).features)[m]
+            assert torch.equal(zl[m], want)
+            normal = tr.model.modality_logits(tr.model(batch.inputs).features)[m]
+            assert not torch.allclose(zl[m], normal)
+    tr.model.train()  # in training, predict adds nothing (no extra passes)
+    assert tr.method.predict(tr.model, batch).zero_out == {}

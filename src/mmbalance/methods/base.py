@@ -417,7 +417,10 @@ class Method:
 
     def zero_out_logits(self, model: MultimodalModel, output: ModelOutput) -> Dict[str, Tensor]:
         """Per-modality logits used for ``zero_out_accuracy``: the fused classifier with every
-        other modality's features replaced by zeros."""
+        other modality's features replaced by zeros (or ``output.zero_out`` when ``predict``
+        filled it)."""
+        if output.zero_out:
+            return output.zero_out
         return model.zero_out_logits(output.features)
 
     # ----------------------------------------------------------------------------- state

@@ -24,8 +24,11 @@ When the two encoders give different numbers of points, they are paired from the
 (the last ``min`` points of each). Each branch has its own classifier (the ``late`` fusion:
 ``fc_m: Linear(d_m, K)``, prediction ``(x_0 + x_1) / 2``), which replaces ``model.fusion``; the
 loss is **CE(x_0, y) + CE(x_1, y)** (``blend_loss``; no fused CE). ``zero_out_accuracy`` of
-modality m reports its branch's own logits ``x_m`` (the code's per-view accuracy), not the late
-fusion with the other features zeroed.
+modality m is its branch's logits ``x_m`` from a second forward pass with every other modality's
+**input** set to zeros (evaluation only: ``predict`` fills ``ModelOutput.zero_out``). The branch's
+logits of the normal pass (the code's per-view accuracy) see the other modality through the MMTM
+gates -- on the synthetic default they reach the fused accuracy for both modalities -- so they
+cannot say how much a modality carries alone.
 
 Conditional learning speed and curation (every step, after the backward pass)::
 
@@ -80,6 +83,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from ..data.batch import Batch
 from ..distributed import all_reduce_sum
 from ..errors import MethodSetupError
 from ..functional.greedy import (balance_ratios, balance_ratios_tensor, conditional_utilisation_rate,
@@ -276,9 +280,16 @@ class Greedy(Method):
                 start_epoch=o.start_epoch, epsilon=o.epsilon, window=o.window)
 
     # ----------------------------------------------------------------------------- evaluation
-    def zero_out_logits(self, model: MultimodalModel, output: ModelOutput) -> Dict[str, Tensor]:
-        """Each branch's own logits ``x_m`` (the code's per-view predictions)."""
-        return model.modality_logits(output.features)
+    def predict(self, model: MultimodalModel, batch: Batch) -> ModelOutput:
+        """The fused prediction; in evaluation also ``zero_out[m]``: branch m's logits from a pass
+        with every other modality's input zeroed (the MMTM gates mix the branches, so the normal
+        pass's branch logits are not single-modality predictions)."""
+        out = model(batch.inputs)
+        if not model.training:
+            for m in self.modalities:
+                alone = {k: (x if k == m else torch.zeros_like(x)) for k, x in batch.inputs.items()}
+                out.zero_out[m] = model.modality_logits(model(alone).features)[m]
+        return out
 
     def on_epoch_end(self, model, ctx: TrainContext) -> Optional[Dict[str, float]]:
         k = self.options.cur_every

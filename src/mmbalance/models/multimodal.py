@@ -19,6 +19,10 @@ class ModelOutput:
     logits: Tensor  # fused logits [B, K]
     features: Dict[str, Tensor]  # per-modality encoder features [B, d_m]
     unimodal_logits: Dict[str, Tensor] = field(default_factory=dict)  # unimodal heads (if any)
+    #: per-modality logits with the other modalities removed, when the model or method had to
+    #: compute them with extra forward passes (mid-level fusion: Greedy); empty otherwise, and
+    #: ``Method.zero_out_logits`` derives them from ``features``
+    zero_out: Dict[str, Tensor] = field(default_factory=dict)
 
 
 class MultimodalModel(nn.Module):

@@ -165,11 +165,14 @@ def write_run_report(run_dir: str | Path, out_dir: str | Path | None = None) -> 
     # curves
     if rows:
         png = P.training_curves(rows, mods, out / "report_curves.png", warmup_epochs=res.get("warmup_epochs"))
-        body.append("<h2>Training curves</h2>" + _figure(
-            png, "Left: fused and per-modality validation accuracies per epoch; right: the method's statistics "
-                 "(coefficients, ratios...) per epoch; dashed red line: end of warm-up"))
-        last = rows[-1]
         stat_keys = P.method_stat_keys(rows)
+        caption = "Fused and per-modality accuracies per epoch"
+        if stat_keys:
+            caption = "Left: " + caption[0].lower() + caption[1:] + "; right: the method's statistics (coefficients, ratios...) per epoch"
+        if res.get("warmup_epochs"):
+            caption += "; dashed red line: end of warm-up"
+        body.append("<h2>Training curves</h2>" + _figure(png, caption))
+        last = rows[-1]
         if stat_keys:
             body.append("<p class=\"note\">method statistics at the last epoch: "
                         + ", ".join(f"{_e(k)} = {_f(last.get(k))}" for k in stat_keys) + "</p>")
@@ -209,7 +212,9 @@ def _diagnostics_sections(diag: Dict[str, Any], out: Path) -> List[str]:
                 "values sum to v(all) − v(none)")
         va, vn = sh.get("v_all") or {}, sh.get("v_none") or {}
         if va or vn:
-            note += f"; v(all) = {_e(json.dumps(va))}, v(none) = {_e(json.dumps(vn))}"
+            def _v(d):
+                return ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in d.items() if isinstance(v, (int, float)))
+            note += f"; v(all): {_e(_v(va))}; v(none): {_e(_v(vn))}"
         body.append(f"<h3>Shapley values</h3><p class=\"note\">{note}</p>" + _table(
             ["modality", "accuracy", "true-class probability"],
             [(m, (sh.get("accuracy") or {}).get(m), (sh.get("true_class_prob") or {}).get(m)) for m in ms]))
