@@ -26,6 +26,7 @@ from mmbalance.functional.relearn import (
     reinit_weight,
     soft_reinit,
 )
+from mmbalance.methods.relearn import RelearnOptions
 from mmbalance.training.trainer import Trainer
 
 
@@ -120,7 +121,8 @@ def test_options_rejected():
 
 
 def test_schedule_90_epochs():
-    tr = _trainer()
+    """The code's schedule (defaults 20, 3); the synthetic preset diagnoses every 5 epochs."""
+    tr = _trainer(["method.reinit_epoch=20"])
     method = tr.method
     done = []
     for e in range(90):
@@ -128,6 +130,8 @@ def test_schedule_90_epochs():
             done.append(e)
             method.reinit_count += 1
     assert done == [20, 40, 60]
+    assert RelearnOptions().reinit_epoch == 20
+    assert _trainer().method.options.reinit_epoch == 5  # the synthetic preset
 
 
 def test_reinit_moves_encoders_only_and_keeps_bn_buffers():
