@@ -14,7 +14,6 @@ import math
 from typing import Dict, FrozenSet, Mapping, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
