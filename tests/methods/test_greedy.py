@@ -297,3 +297,29 @@ def test_zero_out_is_the_branch_with_the_other_input_zeroed():
             assert not torch.allclose(zl[m], normal)
     tr.model.train()  # in training, predict adds nothing (no extra passes)
     assert tr.method.predict(tr.model, batch).zero_out == {}
+
+
+def test_diagnostics_remove_a_modality_at_its_input_for_mid_level_fusion():
+    """Greedy's encoders exchange information: encode_alone = encode with the other input zeroed,
+    and diagnose forces input-level removal and leaves CUR undefined."""
+    from mmbalance.diagnostics import diagnose
+    tr = _trainer()
+    model = tr.model.eval()
+    assert model.encoders_exchange and not tiny_model_exchanges()
+    batch = next(iter(tr._batches(tr.bundle.test, range(8), 8)))
+    with torch.no_grad():
+        alone = model.encode_alone(batch.inputs)
+        for m, other in (("m1", "m2"), ("m2", "m1")):
+            inputs = dict(batch.inputs)
+            inputs[other] = torch.zeros_like(inputs[other])
+            assert torch.equal(alone[m], model.encode(inputs)[m])
+        assert not torch.allclose(alone["m1"], model.encode(batch.inputs)["m1"])
+    res = diagnose(model, tr.method, tr.bundle)
+    assert res["shapley"]["level"] == "input" and "forced" in res["shapley"]["level_note"]
+    assert res["cur"]["defined"] is False
+    assert sum(res["shapley"]["accuracy"].values()) == pytest.approx(
+        res["shapley"]["v_all"]["accuracy"] - res["shapley"]["v_none"]["accuracy"], abs=1e-9)
+
+
+def tiny_model_exchanges():
+    return Trainer(tiny_config("joint"), None, quiet=True, bundle=tiny_bundle(2)).model.encoders_exchange

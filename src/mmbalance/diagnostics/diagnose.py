@@ -30,6 +30,12 @@ What is computed on the chosen split (``test`` by default, ``val`` on request):
   features zeroed, the others kept, at the Shapley ``level``) lowers the fused accuracy by at
   least** :data:`~mmbalance.diagnostics.probes.USED_DROP_POINTS` **(1) percentage point.**
 
+Models whose encoders exchange information between stages (``model.encoders_exchange``:
+mid-level fusion, Greedy) cannot lose a modality at the feature level: for them the probe uses
+each modality's features from a pass with the other inputs zeroed (``model.encode_alone``),
+Shapley values and removal drops use input-level removal (``shapley.level_note`` says it was
+forced), and CUR is reported undefined.
+
 Non-finite numbers are written as ``null``.
 """
 from __future__ import annotations
@@ -63,7 +69,7 @@ def _features(model, dataset, batch_size: int, device) -> tuple:
     feats: Dict[str, List[Tensor]] = {m: [] for m in model.modalities}
     ys: List[Tensor] = []
     for batch in _batches(dataset, batch_size, device):
-        f = model.encode(batch.inputs)
+        f = model.encode_alone(batch.inputs)  # = encode, unless the encoders exchange information
         for m in feats:
             feats[m].append(f[m].float().cpu())
         ys.append(batch.labels.cpu())
@@ -121,6 +127,11 @@ def diagnose(model, method: Method, data, split: str = "test", references: Optio
     model.to(device)
     model.eval()
     own_logits = _method_has_own_modality_logits(method)
+    level_note = None
+    if model.encoders_exchange and level == "feature":
+        # mid-level fusion: a modality's features carry the others', so zeroing features does
+        # not remove a modality; remove its input instead
+        level, level_note = "input", "forced: the encoders exchange information between stages"
 
     exact, subsets = P.shapley_subsets(mods, n_permutations, seed)
     full = frozenset(mods)
@@ -138,11 +149,13 @@ def diagnose(model, method: Method, data, split: str = "test", references: Optio
         y = batch.labels
         out = method.predict(model, batch)
         zl = method.zero_out_logits(model, out)
+        own_logits = own_logits or bool(out.zero_out)
         feats = model.encode(batch.inputs)
+        alone = model.encode_alone(batch.inputs) if model.encoders_exchange else feats
         put("label", y)
         put("fused", out.logits)
         for m in mods:
-            put(f"feat:{m}", feats[m])
+            put(f"feat:{m}", alone[m])
             if m in zl:
                 put(f"zero:{m}", zl[m])
             if m in out.unimodal_logits:
@@ -195,13 +208,18 @@ def diagnose(model, method: Method, data, split: str = "test", references: Optio
         phi_tcp, se_tcp = P.shapley_monte_carlo(v_tcp.__getitem__, mods, n_permutations, seed)
         shap_extra = {"n_permutations": int(n_permutations),
                       "stderr": {"accuracy": se_acc, "true_class_prob": se_tcp}}
-    shapley = {"level": level, "exact": bool(exact), "accuracy": phi_acc, "true_class_prob": phi_tcp,
+    shapley = {"level": level, **({"level_note": level_note} if level_note else {}), "exact": bool(exact), "accuracy": phi_acc, "true_class_prob": phi_tcp,
                "v_all": {"accuracy": v_acc[full], "true_class_prob": v_tcp[full]},
                "v_none": {"accuracy": v_acc[frozenset()], "true_class_prob": v_tcp[frozenset()]},
                **shap_extra}
 
     # --------------------------------------------------------------------------- CUR
-    cur = _cur(model, mods, {m: col[f"feat:{m}"] for m in mods}, y, train_x, device)
+    if model.encoders_exchange:
+        cur = {"defined": False, "why": "the encoders exchange information between stages, so replacing a "
+                                        "modality's pooled feature does not remove it (Greedy logs its own CUR "
+                                        "on the MMTM squeeze vectors: method.cur_every)"}
+    else:
+        cur = _cur(model, mods, {m: col[f"feat:{m}"] for m in mods}, y, train_x, device)
 
     # --------------------------------------------------------------------------- gap
     pairs = {}

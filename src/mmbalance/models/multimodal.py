@@ -33,6 +33,10 @@ class MultimodalModel(nn.Module):
     ``out_dim`` attribute unless given.
     """
 
+    #: whether the encoders exchange information (mid-level fusion: a modality's features then
+    #: depend on the other inputs, and removing a modality means removing its input)
+    encoders_exchange: bool = False
+
     def __init__(self, encoders: Mapping[str, nn.Module], fusion: Fusion, num_classes: int,
                  heads: bool = False, feature_dims: Optional[Mapping[str, int]] = None):
         super().__init__()
@@ -103,6 +107,18 @@ class MultimodalModel(nn.Module):
     def encode(self, inputs: Mapping[str, Tensor], modalities: Optional[Iterable[str]] = None) -> Dict[str, Tensor]:
         mods = self.modalities if modalities is None else list(modalities)
         return {m: self.encoders[m](inputs[m]) for m in mods}
+
+    def encode_alone(self, inputs: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+        """Each modality's features computed from its own input only. The same as :meth:`encode`
+        unless the encoders exchange information (then one pass per modality, the other inputs
+        set to zeros)."""
+        if not self.encoders_exchange:
+            return self.encode(inputs)
+        out = {}
+        for m in self.modalities:
+            alone = {k: (x if k == m else torch.zeros_like(x)) for k, x in inputs.items()}
+            out[m] = self.encode(alone)[m]
+        return out
 
     def fuse(self, features: Mapping[str, Tensor]) -> Tensor:
         """Fused logits from (possibly mixed, permuted or zeroed) features."""

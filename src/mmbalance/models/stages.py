@@ -89,6 +89,8 @@ class StagedMultimodalModel(MultimodalModel):
     encoder has finished that stage, on ``{modality: tensor}``, and returns the tensors the
     encoders continue from. Points must follow the stage order of every encoder."""
 
+    encoders_exchange = True
+
     def __init__(self, base: MultimodalModel, points: Sequence[Mapping[str, str]], blocks: Sequence[nn.Module],
                  needed_by: str = "mid-level fusion"):
         if not isinstance(base, MultimodalModel):
