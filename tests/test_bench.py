@@ -262,3 +262,25 @@ def test_warnings_of_a_run_go_to_its_folder(tmp_path, monkeypatch):
     path = tmp_path / "synthetic" / "joint" / "seed0" / "warnings.log"
     assert "UserWarning: something odd" in path.read_text()
     assert f"distinct warnings: {path}" in log
+
+
+def test_tune_resumes_the_same_search_and_refuses_another(tmp_path):
+    """2 trials, then the same command with --trials 3: the 2 finished trials are replayed (not
+    retrained) and the third equals the third of an uninterrupted 3-trial search."""
+    pytest.importorskip("optuna", reason="the tune extra is not installed (pip install 'mmbalance[tune]')")
+    from mmbalance.bench.tune import tune
+    quiet = dict(epochs=1, overrides=TINY, log=lambda *_: None)
+    full = tune("synthetic", "ogm_ge", trials=3, out_dir=tmp_path / "full", **quiet)
+    tune("synthetic", "ogm_ge", trials=2, out_dir=tmp_path / "part", **quiet)
+    d = tmp_path / "part" / "synthetic" / "ogm_ge"
+    marker = d / "trials" / "trial_000" / "result.json"
+    mtime = marker.stat().st_mtime_ns
+    resumed = tune("synthetic", "ogm_ge", trials=3, out_dir=tmp_path / "part", **quiet)
+    assert marker.stat().st_mtime_ns == mtime  # trial 0 was replayed, not trained again
+    a = csv_rows(tmp_path / "full" / "synthetic" / "ogm_ge" / "trials.csv", drop=("train_seconds",))
+    b = csv_rows(d / "trials.csv", drop=("train_seconds",))
+    assert a == b and resumed["best"] == full["best"] and resumed["value"] == full["value"]
+    with pytest.raises(ConfigError, match="another search .*seed"):
+        tune("synthetic", "ogm_ge", trials=3, out_dir=tmp_path / "part", seed=1, **quiet)
+    with pytest.raises(ConfigError, match="already holds 3 trials"):
+        tune("synthetic", "ogm_ge", trials=2, out_dir=tmp_path / "part", **quiet)

@@ -21,10 +21,19 @@ Output in ``OUT/<dataset>/<method>/``: ``trials.csv`` (one row per trial: the me
 values, best epoch, train seconds, state), ``best.yaml`` (the best trial's values as config
 sections: ``bench --tuned OUT`` or ``train --config best.yaml`` takes them) and ``trials/trial_<k>``
 (each trial's run folder without its checkpoints).
+
+**Resumable.** ``search.yaml`` records what defines the search (dataset, method, metric, seed,
+epochs, overrides, config file, space) and ``trials.jsonl`` every finished trial. Run the same
+command again, with the same or a larger ``--trials``, and the finished trials are replayed
+through the seeded sampler (each replayed suggestion must equal the recorded one) before the
+search goes on: a search stopped after k trials and resumed is the same search as an
+uninterrupted one. A different search into the same folder is refused, naming what differs.
+Trials run one after another (a parallel TPE search would not be reproducible).
 """
 from __future__ import annotations
 
 import csv
+import json
 import math
 import shutil
 from pathlib import Path
@@ -144,14 +153,36 @@ def tune(dataset: str, method: str, trials: int, out_dir: str | Path = "runs/tun
     space = search_space(base, fixed)
     out = Path(out_dir) / Path(dataset).stem / method
     out.mkdir(parents=True, exist_ok=True)
+    search = {"dataset": str(dataset), "method": method, "metric": metric, "seed": int(seed),
+              "epochs": int(base.train.epochs), "overrides": list(overrides), "config": config_file,
+              "space": {k: list(v) for k, v in space.items()}}
+    done_before = _finished_trials(out, search)
+    if len(done_before) > trials:
+        raise ConfigError(f"'{out}' already holds {len(done_before)} trials of this search; --trials {trials} "
+                          f"is fewer (ask for at least {len(done_before)})")
+    (out / "search.yaml").write_text(yaml.safe_dump(search, sort_keys=False))
     log(f"tune {Path(dataset).stem}/{method}: {trials} trials x {base.train.epochs} epochs, {metric} on val, "
         f"TPE seed {seed}; space: " + ", ".join(f"{k} {v}" for k, v in space.items()))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
     rows: List[Dict[str, Any]] = []
+    if done_before:
+        log(f"  resuming: {len(done_before)} finished trial(s) replayed from {out / 'trials.jsonl'}")
     for k in range(trials):
         trial = study.ask()
         values = {key: _suggest(trial, key, spec) for key, spec in space.items()}
+        if k < len(done_before):  # replay: same suggestion, the recorded outcome
+            row = done_before[k]
+            if {key: row.get(key) for key in values} != values:
+                raise MMBalanceError(f"'{out}': replaying trial {k} suggested {values}, but trials.jsonl "
+                                     f"recorded {({key: row.get(key) for key in values})}; the search cannot "
+                                     f"be resumed (optuna version changed?): use a new --out")
+            if row["state"] == "complete":
+                study.tell(trial, float(row[metric]))
+            else:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            rows.append(row)
+            continue
         run_dir = out / "trials" / f"trial_{k:03d}"
         row: Dict[str, Any] = {"trial": k, metric: None, **values}
         try:
@@ -171,6 +202,8 @@ def tune(dataset: str, method: str, trials: int, out_dir: str | Path = "runs/tun
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         rows.append(row)
         _write_trials(out / "trials.csv", rows)
+        with open(out / "trials.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:
         raise MMBalanceError(f"tune {dataset}/{method}: all {trials} trials failed (see {out / 'trials.csv'})")
@@ -181,6 +214,28 @@ def tune(dataset: str, method: str, trials: int, out_dir: str | Path = "runs/tun
     log(f"best {metric} {best.value:.4f}: " + ", ".join(f"{a}={_fmt(b)}" for a, b in best.params.items())
         + f" -> {out / 'best.yaml'}")
     return {"best": dict(best.params), "value": best.value, "dir": out}
+
+
+def _finished_trials(out: Path, search: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The recorded trials of the same search in ``out`` (``[]`` for a new folder); a different
+    search there is a ConfigError naming the differing keys."""
+    spath, tpath = out / "search.yaml", out / "trials.jsonl"
+    if not spath.is_file():
+        if tpath.exists():
+            raise ConfigError(f"'{out}' holds trials.jsonl but no search.yaml; use a new --out")
+        return []
+    saved = yaml.safe_load(spath.read_text()) or {}
+    diff = sorted(k for k in set(saved) | set(search) if saved.get(k) != search.get(k))
+    if diff:
+        raise ConfigError(f"'{out}' holds another search (different {', '.join(diff)}); use a new --out or "
+                          f"the same settings to resume it")
+    if not tpath.is_file():
+        return []
+    rows = [json.loads(line) for line in tpath.read_text().splitlines() if line.strip()]
+    for i, r in enumerate(rows):
+        if r.get("trial") != i:
+            raise ConfigError(f"'{tpath}' line {i + 1} is trial {r.get('trial')}, expected {i}")
+    return rows
 
 
 def _fmt(v: Any) -> str:
