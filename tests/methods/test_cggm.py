@@ -33,6 +33,9 @@ def test_coefficients_guards_and_raw_code_values():
     # d = [0.3, -0.1], sum 0.2: raw [(0.2 - 0.3) / 0.2, (0.2 + 0.1) / 0.2] = [-0.5, 1.5]
     assert coefficients(acc, prev, guard=False).tolist() == pytest.approx([-0.5, 1.5], abs=1e-6)
     assert coefficients(acc, prev).tolist() == pytest.approx([0.0, 1.5], abs=1e-6)  # clipped to [0, 2]
+    # d = [0.5, -0.3], sum 0.2: raw [-1.5, 2.5] -> clipped [0, 2] (bounded amplification)
+    big = coefficients(torch.tensor([0.9, 0.1], dtype=torch.float64), prev)
+    assert big.tolist() == pytest.approx([0.0, 2.0], abs=1e-6)
     # d = [0.1, -0.1]: sum 0 -> undefined; guarded: every coefficient 1
     flat = coefficients(torch.tensor([0.6, 0.3]), torch.tensor([0.5, 0.4]))
     assert flat.tolist() == [1.0, 1.0]
@@ -92,6 +95,8 @@ def test_first_step_scales_each_encoder_by_rho_times_its_coefficient():
     g = _grads(ref, F.cross_entropy(out.logits, batch.labels), names)
     acc = {m: float((ref.extras["cggm"][m](out.features[m].detach()).argmax(1) == batch.labels).float().mean())
            for m in ("m1", "m2")}
+    aux_loss = sum(F.cross_entropy(ref.extras["cggm"][m](out.features[m].detach()), batch.labels).item()
+                   for m in ("m1", "m2"))  # L_aux = sum (not mean) over modalities
     total = acc["m1"] + acc["m2"]
     assert total > 0
     coeff = {"m1": acc["m2"] / total, "m2": acc["m1"] / total}  # (sum - own) / sum for M = 2
@@ -105,7 +110,45 @@ def test_first_step_scales_each_encoder_by_rho_times_its_coefficient():
         assert torch.allclose(p, before[n] - lr * k * g[n], atol=1e-6), n
     assert res.logs["coeff_m1"] == pytest.approx(coeff["m1"], abs=1e-6)
     assert res.logs["aux_accuracy_m2"] == pytest.approx(acc["m2"], abs=1e-6)
+    assert float(res.logs["loss_aux"]) == pytest.approx(aux_loss, abs=1e-6)
     assert "loss_gm" not in res.logs or res.logs["loss_gm"] == 0.0
+
+
+def test_second_step_coefficients_use_the_previous_steps_accuracies_per_modality():
+    """Step 2: d_m = acc_m(step 2) - acc_m(step 1) (acc_prev carried over), coeff_m = (sum d - d_m) /
+    sum d for M = 2 = d_other / sum d, clipped to [0, 2]; encoder m's step is lr * rho * coeff_m *
+    grad CE. The accuracies differ between modalities here (seed 0), so a swap of the modalities'
+    coefficients or a stale acc_prev (0) fails."""
+    tr = _trainer(PLAIN + ["method.clip=0", "method.lamda=0", "method.rho=1.3"])
+    model, method = tr.model, tr.method
+    b1, b2 = batch_of(tr.bundle, n=16), batch_of(tr.bundle, "val", n=16)
+
+    def aux_acc(batch):
+        with torch.no_grad():
+            out = model(batch.inputs)
+            return {m: float((method._aux[m](out.features[m]).argmax(1) == batch.labels).double().mean())
+                    for m in ("m1", "m2")}
+
+    model.train()
+    acc1 = aux_acc(b1)
+    _step(tr, b1)
+    acc2 = aux_acc(b2)
+    d = {m: acc2[m] - acc1[m] for m in acc1}
+    total = d["m1"] + d["m2"]
+    assert abs(total) > 1e-3
+    want = {"m1": min(max(d["m2"] / total, 0.0), 2.0), "m2": min(max(d["m1"] / total, 0.0), 2.0)}
+    assert want["m1"] != pytest.approx(want["m2"], abs=0.05)  # the modalities are told apart
+    ref = copy.deepcopy(model)
+    names = [n for n, _ in ref.named_parameters() if n.startswith("encoders.")]
+    g = _grads(ref, F.cross_entropy(ref(b2.inputs).logits, b2.labels), names)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    res = _step(tr, b2)
+    assert float(res.logs["coeff_m1"]) == pytest.approx(want["m1"], abs=1e-6)
+    assert float(res.logs["coeff_m2"]) == pytest.approx(want["m2"], abs=1e-6)
+    params = dict(model.named_parameters())
+    for n in names:
+        k = 1.3 * want[n.split(".")[1]]
+        assert torch.allclose(params[n], before[n] - tr.cfg.optim.lr * k * g[n], atol=1e-6), n
 
 
 def test_second_step_adds_lambda_gm_at_the_previous_weights():

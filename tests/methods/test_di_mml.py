@@ -64,6 +64,9 @@ def test_dimension_selection_hand_case():
     acc = dimension_accuracy(z, y, 2)
     assert acc.tolist() == pytest.approx([1.0, 0.5, 0.5])
     assert top_dimensions(acc).tolist() == [True, False, False]  # above the mean 0.6667
+    # strictly above the mean (code: acc > mean): a dimension at the mean is not a top one
+    assert top_dimensions(torch.tensor([1.0, 0.5, 0.75])).tolist() == [True, False, False]
+    assert top_dimensions(torch.tensor([0.5, 0.5])).tolist() == [False, False]
     # a class without rows is never nearest
     assert dimension_accuracy(torch.tensor([[0.0], [1.0]]), torch.tensor([0, 0]), 3).tolist() == [1.0]
     tops = {"a": torch.tensor([True, False, True]), "v": torch.tensor([False, False, True]),
@@ -234,6 +237,17 @@ def test_noop_is_the_unimodal_ensemble():
     assert_same_step("di_mml", ["method.align_weight=0", "method.duc_weight=0"], base="ensemble")
     with pytest.raises(AssertionError):
         assert_same_step("di_mml", [], base="ensemble")
+
+
+def test_presets():
+    # spec §4.22: tau 50 (CREMA-D), 10 (AVE, UCF); T2 1 (CREMA-D, UCF), 3 (AVE)
+    from mmbalance.config import resolve_config
+    crema = resolve_config("cremad", "di_mml").method_options
+    assert crema.tau == 50.0 and crema.ensemble_temperature == 1.0
+    ave = resolve_config("ave", "di_mml").method_options
+    assert ave.tau == 10.0 and ave.ensemble_temperature == 3.0
+    ucf = resolve_config("ucf101", "di_mml").method_options
+    assert ucf.tau == 10.0 and ucf.ensemble_temperature == 1.0
 
 
 def test_cli_end_to_end(tmp_path):

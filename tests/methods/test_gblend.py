@@ -94,6 +94,67 @@ def test_estimate_measures_tprime_and_v_and_leaves_the_model_alone():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # only copies trained
 
 
+def test_estimate_feeds_tprime_v_start_and_end_losses_in_the_rules_order(monkeypatch):
+    """estimate() passes (LT1, LV1, LT2, LV2) = (current model on T', current model on V, head k's
+    trained copy on T', that copy on V) to the rule -- each computed here by hand (eval mode, mean CE
+    over rows), so swapping T' and V or start and end, or measuring the model instead of the copy,
+    fails."""
+    import mmbalance.methods.gblend as gb
+    tr = _trainer(SMALL)
+    m, ctx, model = tr.method, tr.ctx, tr.model
+    seen, clones = {}, []
+    real_rule, real_copy = gb.blend_weights, m.train_copy
+    monkeypatch.setattr(gb, "blend_weights", lambda *a: seen.setdefault("args", a) and real_rule(*a))
+    monkeypatch.setattr(m, "train_copy", lambda *a: clones.append(real_copy(*a)) or clones[-1])
+    ce = torch.nn.functional.cross_entropy
+
+    def by_hand(net, batches):
+        was = net.training
+        net.eval()
+        with torch.no_grad():
+            bs = list(batches)
+            x = {k: torch.cat([b.inputs[k] for b in bs]) for k in ("m1", "m2")}
+            y = torch.cat([b.labels for b in bs])
+            out = net(x)
+        net.train(was)
+        return [ce(out.unimodal_logits["m1"], y).item(), ce(out.unimodal_logits["m2"], y).item(),
+                ce(out.logits, y).item()]
+
+    lt1, lv1 = by_hand(model, ctx.train_eval_batches()), by_hand(model, ctx.holdout_batches())
+    assert lt1 != pytest.approx(lv1, rel=1e-3)  # T' and V are told apart by the losses
+    m.estimate(model, ctx)
+    assert len(clones) == 3
+    lt2 = [by_hand(c, ctx.train_eval_batches())[i] for i, c in enumerate(clones)]
+    lv2 = [by_hand(c, ctx.holdout_batches())[i] for i, c in enumerate(clones)]
+    assert lt2 != pytest.approx(lt1, rel=1e-3)  # the copies did train
+    got = [t.tolist() for t in seen["args"]]
+    for g, want in zip(got, (lt1, lv1, lt2, lv2)):
+        assert g == pytest.approx(want, rel=1e-5)
+
+
+def test_copy_trains_super_epoch_passes_over_tprime_only(monkeypatch):
+    """A copy trains ``super_epoch`` full passes of T' (ctx.train_batches) and never sees V."""
+    tr = _trainer(["method.warmup_epochs=1", "method.super_epoch=3"])
+    m, ctx = tr.method, tr.ctx
+    calls = {"train": 0, "train_rows": 0, "holdout": 0}
+    real_train, real_hold = ctx.train_batches, ctx.holdout_batches
+
+    def train_batches(*a, **k):
+        calls["train"] += 1
+        for b in real_train(*a, **k):
+            calls["train_rows"] += len(b)
+            yield b
+
+    def holdout_batches(*a, **k):
+        calls["holdout"] += 1
+        return real_hold(*a, **k)
+
+    monkeypatch.setattr(ctx, "train_batches", train_batches)
+    monkeypatch.setattr(ctx, "holdout_batches", holdout_batches)
+    m.train_copy(tr.model, "m2", ctx)
+    assert calls == {"train": 3, "train_rows": 3 * ctx.train_size, "holdout": 0}
+
+
 def test_online_and_offline_schedules():
     on = _trainer(["method.warmup_epochs=3", "method.super_epoch=2"]).method
     assert [e for e in range(10) if on.estimates_at(e)] == [3, 5, 7, 9]

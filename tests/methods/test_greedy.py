@@ -1,5 +1,7 @@
 """Greedy (Wu et al., ICML 2022): MMTM, conditional learning speed, curation rule, wiring, runs."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -226,6 +228,41 @@ def test_loss_is_the_sum_of_branch_ces_and_after_backward_updates_the_rule():
         fused = F.cross_entropy(model(batch.inputs).logits, batch.labels)
     assert float(res2.loss.detach()) == pytest.approx(float(ref), abs=1e-6)
     assert float(res2.loss.detach()) != pytest.approx(float(fused), abs=1e-3)
+
+
+def test_cumulative_speeds_by_hand():
+    """cum_bypass_m / cum_main_m add ||grad||^2 / ||theta||^2 of the bypass (fc_excite[m] + fc_squeeze)
+    and of the main branch (encoder m + fc_m), written out from the parameters themselves."""
+    tr = _trainer(["method.start_epoch=0", "method.epsilon=0"])
+    model, method, ctx = tr.model, tr.method, tr.ctx
+    batch = next(iter(tr._batches(tr.bundle.train, range(16), 16)))
+    model.train()
+    cross = model.cross[0]
+
+    def speed(params):
+        return (sum(float((p.grad.double() ** 2).sum()) for p in params if p.grad is not None)
+                / sum(float((p.detach().double() ** 2).sum()) for p in params))
+
+    expect_byp, expect_main = [0.0, 0.0], [0.0, 0.0]
+    for _ in range(2):  # cumulative over steps
+        model.zero_grad(set_to_none=True)
+        res = method.compute_loss(model, batch, ctx)
+        res.loss.backward()
+        for i, m in enumerate(("m1", "m2")):
+            byp = list(cross.fc_excite[i].parameters()) + list(cross.fc_squeeze.parameters())
+            main = list(model.encoders[m].parameters()) + list(model.fusion.branches[m].parameters())
+            expect_byp[i] += speed(byp)
+            expect_main[i] += speed(main)
+        method.after_backward(model, batch, res, ctx)
+        assert method.cum_bypass == pytest.approx(expect_byp, rel=1e-6)
+        assert method.cum_main == pytest.approx(expect_main, rel=1e-6)
+        bdr = [math.log10(b / c) for b, c in zip(expect_byp, expect_main)]
+        assert [float(res.logs["bdr_m1"]), float(res.logs["bdr_m2"])] == pytest.approx(bdr, abs=1e-6)  # fp32 norms
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p -= 0.1 * p.grad
+    assert method.curation_mode and method.caring == (0 if bdr[0] > bdr[1] else 1)
 
 
 def test_noop_curation_off_is_the_plain_mmtm_step():

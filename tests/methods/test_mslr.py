@@ -133,7 +133,7 @@ def _evals(accs1, accs2):
 
 
 def test_dynamic_sets_lr_scales_from_val_accuracy_non_compounding():
-    tr = _trainer(["method.strategy=dynamic", "method.memory=2", "method.init_scale.m1=0.9",
+    tr = _trainer(["method.strategy=dynamic", "method.apply=lr", "method.memory=2", "method.init_scale.m1=0.9",
                    "method.lr_scale.m2=10", "method.fusion_lr_scale=3"])
     # dynamic ignores the keep factors: every group starts at optim.lr
     assert [g["lr"] for g in tr.optimizer.param_groups] == pytest.approx([0.1, 0.1, 0.1])
@@ -157,8 +157,8 @@ def test_dynamic_sets_lr_scales_from_val_accuracy_non_compounding():
 
 
 def test_dynamic_lr_follows_the_trainers_evaluations(tmp_path):
-    tr = _trainer(["method.strategy=dynamic", "method.memory=1", "train.epochs=3", "optim.name=sgd",
-                   "schedule.name=step", "schedule.step_size=2", "schedule.gamma=0.5"], out=tmp_path)
+    tr = _trainer(["method.strategy=dynamic", "method.apply=lr", "method.memory=1", "train.epochs=3",
+                   "optim.name=sgd", "schedule.name=step", "schedule.step_size=2", "schedule.gamma=0.5"], out=tmp_path)
     tr.fit()
     import json
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -169,6 +169,35 @@ def test_dynamic_lr_follows_the_trainers_evaluations(tmp_path):
     assert rows[0]["coeff_m1"] == rows[1]["coeff_m1"] == 1.0
     lrs = {g["name"]: g["lr"] for g in tr.optimizer.param_groups}  # after the last schedule step (factor 0.5)
     assert lrs == pytest.approx({"m1": 0.05 * c["m1"], "m2": 0.05 * c["m2"], "fusion": 0.05})
+
+
+def test_dynamic_grad_multiplies_encoder_gradients_only():
+    """apply=grad (default, spec DECISION): after backward, encoder m's gradients are c_m times
+    joint's; the fusion head's are joint's; the learning rates stay at optim.lr."""
+    tr = _trainer(["method.strategy=dynamic", "method.memory=2", "method.init_scale.m1=0.9"])
+    ref = _trainer([])
+    ref.model.load_state_dict(tr.model.state_dict())
+    m, ctx = tr.method, tr.ctx
+    for epoch, ev in enumerate(_evals([0.4, 0.6, 0.5], [0.2, 0.2, 0.4])):
+        ctx.epoch, ctx.last_eval = epoch, ev
+        m.on_epoch_start(tr.model, ctx)
+    c = {"m1": 0.9 * 0.5 / 0.5, "m2": 0.4 / 0.2}  # by hand, memory 2: history (0.4, 0.6) / (0.2, 0.2)
+    assert m.coeffs == pytest.approx(c)
+    assert [g["lr"] for g in tr.optimizer.param_groups] == pytest.approx([0.1, 0.1, 0.1])
+    batch = next(iter(tr._batches(tr.bundle.train, range(16), 16)))
+    grads = {}
+    for t in (tr, ref):
+        t.model.train()
+        res = t.method.compute_loss(t.model, batch, t.ctx)
+        t.optimizer.zero_grad(set_to_none=True)
+        res.loss.backward()
+        t.method.after_backward(t.model, batch, res, t.ctx)
+        grads[id(t)] = {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}
+    g, r = grads[id(tr)], grads[id(ref)]
+    for n in r:
+        k = c["m1"] if n.startswith("encoders.m1.") else c["m2"] if n.startswith("encoders.m2.") else 1.0
+        assert torch.allclose(g[n], k * r[n], atol=1e-7), n
+    assert any(n.startswith("encoders.m2.") for n in r)
 
 
 def test_dynamic_noop_is_joint():

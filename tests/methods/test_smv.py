@@ -107,6 +107,35 @@ def test_valuation_pass_matches_hand_computation():
     assert order != sample_level_entries(expect)
 
 
+def test_valuation_runs_in_eval_mode():
+    # spec §4.8: the valuation pass is eval mode, no grad -- BatchNorm uses (and keeps) its running
+    # statistics; the contributions are those of the eval-mode model
+    bundle = tiny_bundle(shapes={"m1": (1, 8, 8), "m2": (6,)})  # m1: small CNN with BatchNorm
+    tr = Trainer(tiny_config("smv", ["train.epochs=1", "method.warmup_epochs=0"]), None, quiet=True, bundle=bundle)
+    model, method, ctx = tr.model, tr.method, tr.ctx
+    model.train()
+    for _ in range(2):  # running statistics away from their initial values
+        method.training_step(model, next(iter(tr._batches(bundle.train, range(16), 16))), ctx)
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    assert buffers
+    ctx.epoch = 0
+    method.on_epoch_end(model, ctx)
+    assert model.training
+    for k, v in buffers.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    model.eval()
+    with torch.no_grad():
+        ds = bundle.train
+        x = {m: torch.stack([ds[i]["inputs"][m] for i in range(len(ds))]) for m in ("m1", "m2")}
+        y = torch.tensor([ds[i]["label"] for i in range(len(ds))])
+        z = model.encode(x)
+        right = lambda f: (model.fuse(f).argmax(1) == y).float()
+        v_all = 2 * right(z)
+        v_1 = right({"m1": z["m1"], "m2": torch.zeros_like(z["m2"])})
+        v_2 = right({"m1": torch.zeros_like(z["m1"]), "m2": z["m2"]})
+    assert torch.equal(method.contrib, torch.stack([(v_1 + v_all - v_2) / 2, (v_2 + v_all - v_1) / 2], 1))
+
+
 def test_no_valuation_before_the_warmup_ends():
     tr = _trainer(["method.warmup_epochs=3"])
     for e in (0, 1):

@@ -27,8 +27,8 @@ are replaced by fresh ones (``ctx.reset_optimizer()``: the code starts stage 2 w
 Prediction: per sample, the confidence-weighted ensemble ``sum_k softmax_k(c_k / T2) o_k`` with
 ``c_k = max softmax(o_k)`` over ``o_k in {h_m(z_m)} (+ fusion(z) in stage 2)``.
 
-Options and defaults (code): ``tau=50`` (CREMA-D; preset ``ave`` 10 -- the code's UCF-101 also
-uses 10, no such dataset here), ``ensemble_temperature`` T2 = 1 (CREMA-D, UCF; preset ``ave`` 3), ``align_weight=1``,
+Options and defaults (code): ``tau=50`` (CREMA-D; presets ``ave`` and ``ucf101`` 10),
+``ensemble_temperature`` T2 = 1 (CREMA-D, UCF; preset ``ave`` 3), ``align_weight=1``,
 ``duc_weight=1`` (the code has no weight), ``stage2_epochs`` and ``duc_epoch`` (see below). The
 code's SGD lr 1e-3, momentum 0.9, wd 1e-4, batch 16, StepLR(70, 0.1) are the run config's business.
 
@@ -122,7 +122,8 @@ class DIMMLOptions:
         return errs
 
 
-DIMML_PRESETS = {"ave": {"method": {"tau": 10.0, "ensemble_temperature": 3.0}}}
+DIMML_PRESETS = {"ave": {"method": {"tau": 10.0, "ensemble_temperature": 3.0}},
+                 "ucf101": {"method": {"tau": 10.0}}}  # code: UCF-101 tau 10, T2 1
 
 
 @register_method("di_mml", paper="Fan et al., ACM MM 2024", kind="objective", modalities=">=2",

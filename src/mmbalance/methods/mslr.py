@@ -32,12 +32,15 @@ Decisions and deviations:
   raw accuracies, not from the previous multiplier) -- and 1 while fewer than ``memory`` earlier
   accuracies exist (:func:`mmbalance.functional.mslr.dynamic_rate`). An epoch that follows no new
   evaluation (``train.eval_every`` > 1) keeps the previous multipliers.
-  **Deviation from the spec DECISION** (which names a *gradient* multiplier, as the MLB/AGM
-  re-implementations apply it): ``c_m`` multiplies modality m's *learning rate*
-  (``ctx.set_lr_scale(m, c_m)``, gap E; it composes with the LR schedule) -- the paper's subject is
-  learning rates and the issue asks for dynamic *rates*. With plain SGD the two are identical;
-  with momentum they differ through the momentum dynamics; with Adam a gradient multiplier would
-  do almost nothing (Adam is invariant to the gradient's scale) while an LR multiplier acts.
+  ``apply`` says what ``c_m`` multiplies. ``apply="grad"`` (default, the spec DECISION and both
+  re-implementations): every gradient of encoder m is multiplied by ``c_m`` after the backward
+  pass (``after_backward``; heads and fusion untouched, as kkontras/MLB's ``enc_0``/``enc_1``).
+  ``apply="lr"`` (ours): ``c_m`` multiplies modality m's *learning rate* instead
+  (``ctx.set_lr_scale(m, c_m)``, gap E; it composes with the LR schedule; heads follow with
+  ``heads_follow_modality``) -- the paper's subject is learning rates. With plain SGD the two are
+  identical; with momentum they differ through the momentum dynamics; with Adam a gradient
+  multiplier does almost nothing (Adam is invariant to the gradient's scale) while an LR
+  multiplier acts.
   The fusion group keeps factor 1. ``lr_scale`` / ``fusion_lr_scale`` (the ``keep`` factors, also
   set by the audio-visual presets) are not used by ``dynamic``: every group starts at
   ``optim.lr`` as in the MLB re-implementation. ``init_scale`` defaults to 1 per modality; the
@@ -60,8 +63,10 @@ from ..errors import MethodSetupError
 from ..functional.mslr import dynamic_rate
 from ..registry import suggest
 from .base import Method, register_method
+from .gradients import scale_modality_grads
 
 STRATEGIES = ("keep", "dynamic")
+APPLIES = ("grad", "lr")
 
 
 @dataclass
@@ -72,6 +77,7 @@ class MSLROptions:
     heads_follow_modality: bool = True  # unimodal heads (if any) use their modality's rate
     init_scale: Dict[str, float] = field(default_factory=dict)  # dynamic: init_m (default 1) of c_m
     memory: int = 5  # dynamic: earlier evaluations averaged (keep_memory_epoch); c_m = 1 until known
+    apply: str = "grad"  # dynamic: c_m multiplies encoder m's gradients (grad, spec) or its learning rate (lr)
 
     def validate(self):
         errs = []
@@ -80,6 +86,8 @@ class MSLROptions:
         for m, v in self.init_scale.items():
             if not v > 0:
                 errs.append(f"init_scale.{m} must be > 0, got {v}")
+        if self.apply not in APPLIES:
+            errs.append(f"apply must be one of {', '.join(APPLIES)}, got '{self.apply}'")
         if self.memory < 1:
             errs.append(f"memory must be >= 1 (evaluations averaged), got {self.memory}")
         for m, v in self.lr_scale.items():
@@ -163,10 +171,16 @@ class MSLR(Method):
         if not self.dynamic:
             return
         self.update_rates(ctx.last_eval)
+        if self.options.apply != "lr":
+            return
         named = {g.get("name") for g in ctx.optimizer.param_groups}
         for m, c in self.coeffs.items():
             if m in named:  # (a modality without trainable parameters has no group)
                 ctx.set_lr_scale(m, c)
+
+    def after_backward(self, model, batch, result, ctx):
+        if self.dynamic and self.options.apply == "grad":
+            scale_modality_grads(model, {m: c for m, c in self.coeffs.items() if c != 1.0}, rule="all")
 
     def on_epoch_end(self, model, ctx):
         if self.dynamic:
