@@ -107,6 +107,9 @@ def test_options_validate_and_presets():
         (4, 4, 5.0, 1.0, 0.5, True, True)
     from mmbalance.methods.reconboost import RECONBOOST_PRESETS
     assert RECONBOOST_PRESETS["ave"]["method"]["w1"] == 4.0
+    for ds in ("cremad", "ave"):  # the code's m_lr = e_lr = 0.01
+        assert RECONBOOST_PRESETS[ds]["method"]["boost_lr"] == RECONBOOST_PRESETS[ds]["method"]["correct_lr"] == 0.01
+    assert o.boost_lr is None and o.correct_lr is None  # elsewhere: optim.lr
 
 
 def test_unequal_feature_sizes_are_refused():

@@ -33,7 +33,7 @@ boosting while ``e mod (E_b + E_c) < E_b``, then correcting. Stage s boosts moda
 
 Optimisers (gap G): both are the method's own, built with ``ctx.make_optimizer`` (the run's
 ``optim`` config: name, momentum, weight decay; the code: SGD, momentum 0.9, weight decay 5e-4)
-with ``lr = boost_lr`` / ``correct_lr`` (``None`` = ``optim.lr``; the code: 0.01 both), times the
+with ``lr = boost_lr`` / ``correct_lr`` (``None`` = ``optim.lr``; the code: 0.01 both, set by the cremad and ave presets), times the
 stage decay ``lr_decay ** (s // lr_decay_stages)`` (``lr_decay_stages`` 0 = constant; presets:
 CREMA-D x0.1 every 30 stages, AVE x0.5 every 40 -- the code decays AVE once, at stage 40, which
 only differs from stage 80 on), times the run's schedule factor (``schedule.*``; 1 with the
@@ -130,8 +130,9 @@ class ReconBoostOptions:
 
 
 RECONBOOST_PRESETS = {
-    "cremad": {"method": {"w1": 5.0, "lr_decay_stages": 30, "lr_decay": 0.1}},
-    "ave": {"method": {"w1": 4.0, "lr_decay_stages": 40, "lr_decay": 0.5}},
+    # the code's m_lr = e_lr = 0.01 on both (its phase optimisers are SGD, momentum 0.9, wd 5e-4)
+    "cremad": {"method": {"w1": 5.0, "lr_decay_stages": 30, "lr_decay": 0.1, "boost_lr": 0.01, "correct_lr": 0.01}},
+    "ave": {"method": {"w1": 4.0, "lr_decay_stages": 40, "lr_decay": 0.5, "boost_lr": 0.01, "correct_lr": 0.01}},
 }
 
 
