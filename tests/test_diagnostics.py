@@ -344,3 +344,17 @@ def test_result_json_probe_matches_sklearn_on_the_best_checkpoint(runs):
         clf = LogisticRegression(max_iter=1000).fit(sc.transform(tr[m]), ytr)
         want = float((clf.predict(sc.transform(te[m])) == yte).mean())
         assert res["test"]["modalities"][m]["probe_accuracy"] == pytest.approx(want, abs=0.021), m
+
+
+def test_diagnose_run_leaves_the_methods_holdout_out_like_the_trainer(tmp_path):
+    """A run with a method holdout (G-Blending's V): mmbalance diagnose rebuilds the same carved
+    train split as the trainer, so its probe equals result.json's (which the trainer computed)."""
+    d = tmp_path / "gb"
+    assert main(["train", "--dataset", "synthetic", "--method", "gblend", "--out", str(d), *SMALL,
+                 "method.holdout=0.2"]) == 0
+    res = json.loads((d / "result.json").read_text())
+    assert res["holdout_size"] > 0
+    diag = diagnose_run(d, write=False)
+    for m in ("x1", "x2"):
+        assert diag["per_modality"][m]["probe_accuracy"] == pytest.approx(
+            res["test"]["modalities"][m]["probe_accuracy"], abs=1e-12)

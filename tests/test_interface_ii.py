@@ -278,6 +278,54 @@ def test_own_loop_context_offers_holdout_passes_and_optimisers():
         make_context(model, opt, data=bundle).holdout_batches()
 
 
+def _own_loop_sgd(lr=0.1):
+    from mmbalance.config import ModelConfig
+    from mmbalance.models import build_model
+    from mmbalance.training.build import make_method, optimizer_groups, prepare_model
+    from mmbalance.training.loop import make_context
+    bundle = tiny_bundle(2, n=48)
+    method = make_method("mslr", bundle.modalities, 3)
+    model = prepare_model(method, build_model(bundle.modalities, bundle.input_shapes, 3,
+                                              ModelConfig(feature_dim=8, hidden_dim=16)))
+    opt = torch.optim.SGD(optimizer_groups(method, model, lr), lr=lr)
+    return make_context(model, opt, data=bundle), opt
+
+
+def test_own_loop_lr_scale_keeps_a_chainable_schedule():
+    """StepLR (chainable): the scale rides on the decayed rate; rescaling never undoes the decay."""
+    ctx, opt = _own_loop_sgd()
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1)
+    lr = lambda: [g["lr"] for g in opt.param_groups if g["name"] == "m1"][0]
+    ctx.set_lr_scale("m1", 0.5)
+    assert lr() == pytest.approx(0.05)
+    opt.step()
+    sched.step()
+    assert lr() == pytest.approx(0.005)  # 0.1 x 0.1 (decay) x 0.5 (scale)
+    ctx.set_lr_scale("m1", 0.5)
+    assert lr() == pytest.approx(0.005)  # same scale: unchanged (the old code gave 0.05)
+    ctx.set_lr_scale("m1", 0.25)
+    assert lr() == pytest.approx(0.0025)
+    assert [g["lr"] for g in opt.param_groups if g["name"] == "fusion"] == [pytest.approx(0.01)]
+
+
+def test_own_loop_lr_scale_with_lambda_schedule_and_reapply():
+    """LambdaLR sets rates from its base rates: reapply_lr_scales once after each step."""
+    ctx, opt = _own_loop_sgd()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 ** e)
+    lr = lambda: [g["lr"] for g in opt.param_groups if g["name"] == "m1"][0]
+    ctx.set_lr_scale("m1", 0.4)
+    opt.step()
+    sched.step()
+    ctx.reapply_lr_scales()
+    assert lr() == pytest.approx(0.1 * 0.5 * 0.4)
+    ctx.set_lr_scale("m1", 0.2)
+    assert lr() == pytest.approx(0.1 * 0.5 * 0.2)
+    opt.step()
+    sched.step()
+    ctx.reapply_lr_scales()
+    assert lr() == pytest.approx(0.1 * 0.25 * 0.2)
+
+
 # ------------------------------------------------------------------------------------------ gap D
 def test_batch_tag_defaults_and_survives_batch_operations():
     bundle = tiny_bundle(2, n=8)
@@ -411,3 +459,25 @@ def test_extra_training_passes_count_in_samples_seen(tmp_path):
     assert [r["train_samples"] for r in rows] == [36] * 3 and [r["extra_train_samples"] for r in rows] == [36] * 3
     plain = trainer(PROBE, ["method.holdout=0.25", "train.epochs=3"]).fit()
     assert plain["samples_seen"] == 3 * 36
+
+
+def test_a_nan_loss_is_reported_before_a_later_failure_inside_the_method():
+    """The loss is checked every 50 batches; when a method then fails inside torch (here: batch 1
+    raises), the NaN loss of batch 0 is what the user is told about, by its batch."""
+    tr = trainer("joint", ["train.epochs=1", "data.batch_size=8"])
+    plain = tr.method.compute_loss
+
+    def nan_first(model, batch, ctx):
+        out = plain(model, batch, ctx)
+        if ctx.batch_idx == 0:
+            out.loss = out.loss * float("nan")
+        return out
+
+    def fails_later(model, batch, result, ctx):
+        if ctx.batch_idx == 1:
+            raise RuntimeError("deep inside torch")
+
+    tr.method.compute_loss, tr.method.after_backward = nan_first, fails_later
+    with pytest.raises(Exception, match="loss became nan at epoch 0, batch 0") as info:
+        tr.fit()
+    assert isinstance(info.value.__context__, RuntimeError)

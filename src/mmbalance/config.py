@@ -65,8 +65,9 @@ class ModelConfig:
     dropout: float = 0.0
     unimodal_heads: bool = False  # methods that need heads switch this on themselves
     small_input: bool = False  # ResNet-18 stem for small images (3x3 conv, no max-pool)
-    #: channels-last memory format for conv encoders (faster on CPU and GPU, same results; no
-    #: effect on MLP / sequence encoders, whose parameters and inputs are not 4-D)
+    #: channels-last memory format for conv encoders (faster with several threads and on GPU;
+    #: numerically equivalent, not bit-identical: measured up to 1e-6 in a forward and 2e-5 in
+    #: gradients against the contiguous layout; no effect on MLP / sequence encoders)
     channels_last: bool = True
     #: set by the trainer when the model was built in Python (its description); not a user key
     custom: Optional[str] = None

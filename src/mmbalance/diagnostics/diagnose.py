@@ -40,6 +40,7 @@ Non-finite numbers are written as ``null``.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -374,6 +375,13 @@ def _load_run(run_dir: Path):
                              f"the data changed since the run")
     parts.model.load_state_dict(state["model"])
     parts.method.load_state_dict(state["method"])
+    # the rows the run held out of train for its method (G-Blending's V, ...) were not trained on;
+    # leave them out of the probes' training features too, as the trainer's own probe does
+    frac = cfg.data.method_holdout or float(parts.method.holdout_fraction())
+    if frac:
+        from ..training.build import carve_holdout
+        data, _ = carve_holdout(parts.data, frac, cfg.train.seed)
+        parts = dataclasses.replace(parts, data=data)
     return parts, cfg
 
 

@@ -76,10 +76,11 @@ class LoopContext(TrainContext):
             self.global_step += 1
 
     def reapply_lr_scales(self) -> None:
-        """After your scheduler stepped: the group's new rate is its unscaled rate; multiply it by
-        the group's scale. For schedulers that set rates from their base rates (``LambdaLR``, as
-        the trainer uses); a chainable one (``StepLR``, ``ExponentialLR``) keeps the scale in the
-        rate by itself -- then do not call this."""
+        """Call once after each step of a scheduler that sets rates from its base rates
+        (``LambdaLR``, as the trainer uses): the group's new rate is unscaled, multiply it by the
+        group's scale. A chainable scheduler (``StepLR``, ``ExponentialLR``, ``MultiStepLR``)
+        keeps the scale in the rate by itself -- then do not call this (it would apply the scale
+        twice)."""
         for g in self.optimizer.param_groups:
             name = g.get("name")
             if name in self._lr_scales:
@@ -133,9 +134,13 @@ def make_context(model, optimizer: torch.optim.Optimizer, *, data: Optional[Data
         scale = float(scale)
         if not (math.isfinite(scale) and scale >= 0):
             raise ValueError(f"LR scale of group {name!r} must be a finite number >= 0, got {scale}")
+        old = ctx._lr_scales.get(name, 1.0)
         for g in groups:
-            g.setdefault("_unscaled_lr", g["lr"])  # the rate before the first rescale
-            g["lr"] = g["_unscaled_lr"] * scale
+            # the group's rate holds unscaled x old scale (a chainable scheduler keeps that
+            # product as it decays; after a LambdaLR step, reapply_lr_scales restores it)
+            unscaled = g["lr"] / old if old > 0 else g.get("_unscaled_lr", g["lr"])
+            g["_unscaled_lr"] = unscaled
+            g["lr"] = unscaled * scale
         ctx._lr_scales[name] = scale
 
     ctx = LoopContext(model=model, optimizer=optimizer, num_epochs=num_epochs, device=device,

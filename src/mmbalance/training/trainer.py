@@ -599,21 +599,29 @@ class Trainer:
         acc = _EpochSums(self.device)
         seen = 0
         batches = self._batches(self.bundle.train, order, bs)
-        for i, batch in enumerate(self._progress(batches, ctx.num_batches, f"epoch {epoch}")):
-            ctx.batch_idx = i
-            res: LossOutput = method.training_step(model, batch, ctx)
-            ctx.global_step += 1
-            b = len(batch)
-            acc.add_loss(res.loss, b, i)
-            seen += b
-            if res.output is not None:
-                labels = res.labels if res.labels is not None else batch.labels
-                if res.output.logits.shape[0] == labels.shape[0]:
-                    acc.add_correct(res.output.logits.detach().argmax(1) == labels)
-            for k, v in res.logs.items():
-                acc.add(k, v, b)
-            if (i + 1) % NONFINITE_CHECK_EVERY == 0:
-                acc.check_finite(epoch, method.name)
+        try:
+            for i, batch in enumerate(self._progress(batches, ctx.num_batches, f"epoch {epoch}")):
+                ctx.batch_idx = i
+                res: LossOutput = method.training_step(model, batch, ctx)
+                ctx.global_step += 1
+                b = len(batch)
+                acc.add_loss(res.loss, b, i)
+                seen += b
+                if res.output is not None:
+                    labels = res.labels if res.labels is not None else batch.labels
+                    if res.output.logits.shape[0] == labels.shape[0]:
+                        acc.add_correct(res.output.logits.detach().argmax(1) == labels)
+                for k, v in res.logs.items():
+                    acc.add(k, v, b)
+                if (i + 1) % NONFINITE_CHECK_EVERY == 0:
+                    acc.check_finite(epoch, method.name)
+        except MMBalanceError:
+            raise
+        except Exception:
+            # the loss is checked every NONFINITE_CHECK_EVERY batches: a NaN seen since then may be
+            # what made a method fail inside torch -- report it first, by its batch
+            acc.check_finite(epoch, method.name)
+            raise
         acc.check_finite(epoch, method.name)
         # every process reports the same (global) numbers
         keys = sorted(acc.sums)
@@ -753,17 +761,21 @@ class Trainer:
             result["warmup_epochs"] = warmup
             result["best_epoch_in_warmup"] = bool(0 <= self.best_epoch < warmup)
         result.update(self._late_zero_out(test))
-        if self.cfg.train.probe and self.is_main:
-            from ..diagnostics.diagnose import probe_accuracies
-            for m, acc in probe_accuracies(self.model, self.bundle, "test", self.device,
-                                           self.cfg.data.eval_batch_size, seed=self.cfg.train.seed).items():
-                result["test"]["modalities"][m]["probe_accuracy"] = acc
+        probes = None
         if self.cfg.train.diagnose and self.is_main:
             from ..diagnostics import diagnose
-            diag = diagnose(self.model, self.method, self.bundle, device=self.device)
+            diag = diagnose(self.model, self.method, self.bundle, device=self.device, seed=self.cfg.train.seed)
             if self.out is not None:
                 write_text(self.out / "diagnostics.json", json.dumps(diag, indent=2))
             result["verdicts"] = diag["verdicts"]
+            probes = {m: e["probe_accuracy"] for m, e in diag["per_modality"].items()}  # the same probe
+        if self.cfg.train.probe and self.is_main:
+            if probes is None:
+                from ..diagnostics.diagnose import probe_accuracies
+                probes = probe_accuracies(self.model, self.bundle, "test", self.device,
+                                          self.cfg.data.eval_batch_size, seed=self.cfg.train.seed)
+            for m, acc in probes.items():
+                result["test"]["modalities"][m]["probe_accuracy"] = acc
         if self.out is not None and self.is_main:
             write_text(self.out / "result.json", json.dumps(result, indent=2))
             if self.bundle.skipped:
