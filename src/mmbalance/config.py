@@ -283,6 +283,31 @@ class RawValue(str):
             return str(self)
 
 
+def flatten_tree(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (empty dicts stay leaves)."""
+    out: Dict[str, Any] = {}
+    for k, v in (tree or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten_tree(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def set_dotted(tree: Dict[str, Any], flat: Dict[str, Any]) -> Dict[str, Any]:
+    """A copy of ``tree`` with every dotted key of ``flat`` set (``{"a.b": 1}`` -> ``tree["a"]["b"] = 1``)."""
+    import copy
+    tree = copy.deepcopy(tree)
+    for k, v in flat.items():
+        node = tree
+        *path, last = k.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = v
+    return tree
+
+
 def overrides_to_dict(items: Sequence[str]) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     for item in items:

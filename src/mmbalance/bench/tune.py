@@ -41,23 +41,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from ..config import Config, load_yaml, overrides_to_dict, resolve_config
+from ..config import Config, flatten_tree, load_yaml, overrides_to_dict, resolve_config, set_dotted
 from ..errors import ConfigError, MMBalanceError
 
 #: optim.lr is searched log-uniformly over [lr * LR_FACTORS[0], lr * LR_FACTORS[1]] for every method
 LR_FACTORS = (0.1, 10.0)
 METRICS = {"val_accuracy": "accuracy", "val_macro_f1": "macro_f1"}
 KINDS = ("log", "float", "int", "choice")
-
-
-def _flat(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for k, v in (tree or {}).items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def declared_space(method_cls) -> Dict[str, Tuple]:
@@ -118,17 +108,6 @@ def _suggest(trial, key: str, spec: Tuple) -> Any:
     return trial.suggest_categorical(key, list(spec[1]))
 
 
-def _tree(values: Dict[str, Any]) -> Dict[str, Any]:
-    tree: Dict[str, Any] = {}
-    for k, v in values.items():
-        node = tree
-        *path, last = k.split(".")
-        for p in path:
-            node = node.setdefault(p, {})
-        node[last] = v
-    return tree
-
-
 def tune(dataset: str, method: str, trials: int, out_dir: str | Path = "runs/tune", metric: str = "val_accuracy",
          epochs: Optional[int] = None, overrides: Sequence[str] = (), config_file: Optional[str] = None,
          seed: int = 0, log=print) -> Dict[str, Any]:
@@ -147,9 +126,9 @@ def tune(dataset: str, method: str, trials: int, out_dir: str | Path = "runs/tun
 
     ov = list(overrides) + ([f"train.epochs={epochs}"] if epochs is not None else [])
     base = resolve_config(dataset, method, config_file, ov)  # every config error before any training
-    fixed = set(_flat(overrides_to_dict(ov)))
+    fixed = set(flatten_tree(overrides_to_dict(ov)))
     if config_file:
-        fixed |= set(_flat(load_yaml(config_file)))
+        fixed |= set(flatten_tree(load_yaml(config_file)))
     space = search_space(base, fixed)
     out = Path(out_dir) / Path(dataset).stem / method
     out.mkdir(parents=True, exist_ok=True)
@@ -186,7 +165,7 @@ def tune(dataset: str, method: str, trials: int, out_dir: str | Path = "runs/tun
         run_dir = out / "trials" / f"trial_{k:03d}"
         row: Dict[str, Any] = {"trial": k, metric: None, **values}
         try:
-            cfg = resolve_config(dataset, method, config_file, ov, tree=_tree(values))
+            cfg = resolve_config(dataset, method, config_file, ov, tree=set_dotted({}, values))
             res = Trainer(cfg, run_dir, quiet=True, overwrite=True).fit()
             value = float(res["val"][METRICS[metric]])
             if not math.isfinite(value):
@@ -210,7 +189,7 @@ def tune(dataset: str, method: str, trials: int, out_dir: str | Path = "runs/tun
     best = study.best_trial
     header = (f"# mmbalance tune: dataset {dataset}, method {method}, {len(done)}/{trials} trials, "
               f"{base.train.epochs} epochs each, TPE seed {seed}\n# best {metric} {best.value:.6f} (trial {best.number})\n")
-    (out / "best.yaml").write_text(header + yaml.safe_dump(_tree(best.params), sort_keys=False))
+    (out / "best.yaml").write_text(header + yaml.safe_dump(set_dotted({}, best.params), sort_keys=False))
     log(f"best {metric} {best.value:.4f}: " + ", ".join(f"{a}={_fmt(b)}" for a, b in best.params.items())
         + f" -> {out / 'best.yaml'}")
     return {"best": dict(best.params), "value": best.value, "dir": out}

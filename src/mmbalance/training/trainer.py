@@ -19,8 +19,8 @@ import yaml
 from torch import nn
 
 from .. import distributed as D
-from ..config import (SECTIONS, Config, config_from_dict, defaults_dict, overrides_to_dict,
-                      upgrade_legacy_keys)
+from ..config import (SECTIONS, Config, config_from_dict, defaults_dict, flatten_tree, overrides_to_dict,
+                      set_dotted, upgrade_legacy_keys)
 from ..data import collate
 from ..data.base import DataBundle
 from ..data.batch import Batch
@@ -220,17 +220,6 @@ class _Engine(nn.Module):
 
     def forward(self, fn, *args, **kwargs):
         return fn(self.model, *args, **kwargs)
-
-
-def flatten_tree(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten_tree(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def config_differences(a: Dict[str, Any], b: Dict[str, Any], ignore: Sequence[str] = RESUME_SAFE_KEYS) -> List[str]:
@@ -846,7 +835,7 @@ def run_from_dir(out_dir: str | Path, quiet: bool = False, overrides: Sequence[s
             raise MMBalanceError(f"--resume cannot change {', '.join(bad)} (the checkpoint was trained with the "
                                  f"saved values); only {', '.join(RESUME_SAFE_KEYS)} may change. Start a new run "
                                  f"with --out to change anything else")
-        tree = _set_dotted(tree, {k: v.parsed() if hasattr(v, "parsed") else v for k, v in flat.items()})
+        tree = set_dotted(tree, {k: v.parsed() if hasattr(v, "parsed") else v for k, v in flat.items()})
     cfg = config_from_dict(tree)
     trainer = Trainer(cfg, out, quiet=quiet)
     return trainer.fit(resume=True)
@@ -858,14 +847,3 @@ def load_run_config(out_dir: str | Path) -> Config:
     if not path.is_file():
         raise MMBalanceError(f"'{out_dir}' is not a run folder (no config.yaml)")
     return config_from_dict(yaml.safe_load(path.read_text()))
-
-
-def _set_dotted(tree: Dict[str, Any], flat: Dict[str, Any]) -> Dict[str, Any]:
-    tree = copy.deepcopy(tree)
-    for k, v in flat.items():
-        node = tree
-        *path, last = k.split(".")
-        for p in path:
-            node = node.setdefault(p, {})
-        node[last] = v
-    return tree
