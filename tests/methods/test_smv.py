@@ -80,16 +80,11 @@ def _trainer(overrides=(), mods=2, out=None, n=48):
                    bundle=tiny_bundle(mods, n=n))
 
 
-def test_valuation_pass_matches_hand_computation():
-    tr = _trainer(["method.warmup_epochs=0"])
-    model, method, ctx = tr.model, tr.method, tr.ctx
-    model.train()
-    ctx.epoch = 0
-    logs = method.on_epoch_end(model, ctx)
-    assert model.training
+def _hand_contributions(model, ds):
+    """Per-sample Shapley contributions [N, 2] of the eval-mode model, written out for M = 2 with
+    v(S) = |S| * correct(S): phi_1 = (v_1 + v_all - v_2) / 2, phi_2 = (v_2 + v_all - v_1) / 2."""
     model.eval()
     with torch.no_grad():
-        ds = tr.bundle.train
         x = {m: torch.stack([ds[i]["inputs"][m] for i in range(len(ds))]) for m in ("m1", "m2")}
         y = torch.tensor([ds[i]["label"] for i in range(len(ds))])
         z = model.encode(x)
@@ -97,7 +92,17 @@ def test_valuation_pass_matches_hand_computation():
         v_all = 2 * right(z)
         v_1 = right({"m1": z["m1"], "m2": torch.zeros_like(z["m2"])})
         v_2 = right({"m1": torch.zeros_like(z["m1"]), "m2": z["m2"]})
-    expect = torch.stack([(v_1 + v_all - v_2) / 2, (v_2 + v_all - v_1) / 2], 1)
+    return torch.stack([(v_1 + v_all - v_2) / 2, (v_2 + v_all - v_1) / 2], 1)
+
+
+def test_valuation_pass_matches_hand_computation():
+    tr = _trainer(["method.warmup_epochs=0"])
+    model, method, ctx = tr.model, tr.method, tr.ctx
+    model.train()
+    ctx.epoch = 0
+    logs = method.on_epoch_end(model, ctx)
+    assert model.training
+    expect = _hand_contributions(model, tr.bundle.train)
     assert torch.equal(method.contrib, expect)
     assert logs["contrib_m1"] == pytest.approx(float(expect[:, 0].mean()))
     assert logs["extra_m2"] == pytest.approx(float(sample_copies(expect[:, 1]).sum()) / 48)
@@ -123,17 +128,7 @@ def test_valuation_runs_in_eval_mode():
     assert model.training
     for k, v in buffers.items():
         assert torch.equal(model.state_dict()[k], v), k
-    model.eval()
-    with torch.no_grad():
-        ds = bundle.train
-        x = {m: torch.stack([ds[i]["inputs"][m] for i in range(len(ds))]) for m in ("m1", "m2")}
-        y = torch.tensor([ds[i]["label"] for i in range(len(ds))])
-        z = model.encode(x)
-        right = lambda f: (model.fuse(f).argmax(1) == y).float()
-        v_all = 2 * right(z)
-        v_1 = right({"m1": z["m1"], "m2": torch.zeros_like(z["m2"])})
-        v_2 = right({"m1": torch.zeros_like(z["m1"]), "m2": z["m2"]})
-    assert torch.equal(method.contrib, torch.stack([(v_1 + v_all - v_2) / 2, (v_2 + v_all - v_1) / 2], 1))
+    assert torch.equal(method.contrib, _hand_contributions(model, bundle.train))
 
 
 def test_no_valuation_before_the_warmup_ends():
